@@ -1,0 +1,252 @@
+"""wrk-driven benchmark: Bascule (1 worker and "auto") against a direct backend and,
+when installed, nginx and HAProxy configured equivalently (keep-alive upstream pools,
+round robin over the same backend). Targets are interleaved over several rounds and
+medians reported, because shared machines are noisy; compare ratios, not absolutes.
+
+The proxy under test runs pinned to CPU 0 (nginx/HAProxy/Bascule-1 alike); the
+backend (nginx, static answers) and wrk share the other core. `auto` uses all cores.
+
+    python bench/run.py [--rounds 3] [--duration 5] [--connections 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SCENARIOS = {
+    "1KiB GET": ("/1k", None),
+    "1MiB GET": ("/1m", None),
+    "64KiB POST": ("/post", 64 * 1024),
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port}")
+
+
+def pinned(cpu: int | None, argv: list[str]) -> list[str]:
+    if cpu is None or not shutil.which("taskset") or (os.cpu_count() or 1) < 2:
+        return argv
+    return ["taskset", "-c", str(cpu), *argv]
+
+
+class Bench:
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, argv: list[str], **kw: object) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True, **kw)  # type: ignore[call-overload]
+        self.procs.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+    def nginx(self, name: str, body: str, cpu: int | None) -> None:
+        root = self.work / name
+        (root / "logs").mkdir(parents=True, exist_ok=True)
+        conf = root / "nginx.conf"
+        conf.write_text(f"""
+worker_processes 1;
+daemon off;
+pid {root}/nginx.pid;
+error_log {root}/error.log crit;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {root}/body; proxy_temp_path {root}/proxy;
+  fastcgi_temp_path {root}/fcgi; uwsgi_temp_path {root}/uwsgi; scgi_temp_path {root}/scgi;
+  keepalive_requests 1000000;
+  {body}
+}}
+""")
+        self.start(pinned(cpu, ["nginx", "-c", str(conf), "-p", str(root)]))
+
+
+def backend_conf(port: int, static: Path) -> str:
+    return f"""
+server {{
+  listen 127.0.0.1:{port};
+  root {static};
+  location /post {{ client_max_body_size 10m; client_body_buffer_size 128k;
+                   return 200 "ok"; }}
+}}"""
+
+
+def wrk(url: str, path: str, body_size: int | None, duration: int, connections: int,
+        work: Path) -> tuple[float, float, float]:
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency"]
+    if body_size:
+        script = work / "post.lua"
+        script.write_text('wrk.method = "POST"\n'
+                          f'wrk.body = string.rep("x", {body_size})\n'
+                          'wrk.headers["Content-Type"] = "application/octet-stream"\n')
+        argv += ["-s", str(script)]
+    out = subprocess.run(pinned(1, [*argv, url + path]), capture_output=True, text=True,
+                         timeout=duration + 30).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+
+    def pct(label: str) -> float:
+        m = re.search(rf"{label}%\s+([\d.]+)(us|ms|s)", out)
+        if not m:
+            return float("nan")
+        return float(m.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[m.group(2)]
+
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if errors:
+        print(f"  warning: {errors.group(1)} non-2xx responses from {url}{path}", file=sys.stderr)
+    return rps, pct("50"), pct("99")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--duration", type=int, default=5)
+    ap.add_argument("--connections", type=int, default=50)
+    ap.add_argument("--json", type=Path, help="also write raw results here")
+    ap.add_argument("--only", action="append", help="scenario(s) to run, e.g. '1KiB GET'")
+    ap.add_argument("--targets", help="comma-separated subset of targets")
+    args = ap.parse_args()
+    scenarios = {k: v for k, v in SCENARIOS.items() if not args.only or k in args.only}
+    for tool in ("wrk", "nginx"):
+        if not shutil.which(tool):
+            print(f"bench needs {tool}: apt-get install wrk nginx haproxy", file=sys.stderr)
+            return 2
+
+    work = Path(tempfile.mkdtemp(prefix="bascule-bench-"))
+    work.chmod(0o755)  # nginx workers run as nobody and must read the static files
+    static = work / "static"
+    static.mkdir()
+    (static / "1k").write_bytes(b"x" * 1024)
+    (static / "1m").write_bytes(b"y" * 1024 * 1024)
+    bench = Bench(work)
+    targets: dict[str, int] = {}
+    try:
+        backend = free_port()
+        bench.nginx("backend", backend_conf(backend, static), cpu=1)
+        wait_port(backend)
+        targets["direct"] = backend
+
+        port = free_port()
+        bench.nginx("nginx", f"""
+upstream be {{ server 127.0.0.1:{backend}; keepalive 64; }}
+server {{ listen 127.0.0.1:{port};
+  location / {{ proxy_pass http://be; proxy_http_version 1.1;
+    proxy_set_header Connection ""; proxy_buffering on; client_max_body_size 10m;
+    proxy_request_buffering off; }} }}""", cpu=0)
+        targets["nginx"] = port
+
+        if shutil.which("haproxy"):
+            port = free_port()
+            cfg = work / "haproxy.cfg"
+            cfg.write_text(f"""
+global
+  nbthread 1
+  maxconn 4096
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  http-reuse always
+frontend fe
+  bind 127.0.0.1:{port}
+  default_backend be
+backend be
+  balance roundrobin
+  server b1 127.0.0.1:{backend}
+""")
+            bench.start(pinned(0, ["haproxy", "-f", str(cfg)]))
+            targets["haproxy"] = port
+
+        for label, workers, cpu in (("1", "1", 0), ("auto", '"auto"', None)):
+            port, admin = free_port(), free_port()
+            conf = work / f"bascule-{label}.toml"
+            conf.write_text(f"""
+[server]
+listen = ["127.0.0.1:{port}"]
+workers = {workers}
+max_body_size = "10MiB"
+[admin]
+listen = "127.0.0.1:{admin}"
+[[routes]]
+upstream = "be"
+[upstreams.be]
+backends = ["127.0.0.1:{backend}"]
+""")
+            bench.start(pinned(cpu, [sys.executable, "-m", "proxy", "run", "-c", str(conf)]))
+            targets[f"bascule-{label}"] = port
+        for port in targets.values():
+            wait_port(port)
+        time.sleep(0.5)
+
+        results: dict[str, dict[str, list[tuple[float, float, float]]]] = {}
+        for rnd in range(args.rounds):
+            for scenario, (path, body) in scenarios.items():
+                for name, port in targets.items():
+                    if args.targets and name not in args.targets.split(",") + ["nginx"]:
+                        continue
+                    r = wrk(f"http://127.0.0.1:{port}", path, body, args.duration,
+                            args.connections, work)
+                    results.setdefault(scenario, {}).setdefault(name, []).append(r)
+                    print(f"round {rnd + 1} {scenario:11} {name:13} {r[0]:9.0f} req/s "
+                          f"p50 {r[1]:.2f}ms p99 {r[2]:.2f}ms", file=sys.stderr)
+    finally:
+        bench.stop_all()
+
+    print(f"\nmedians of {args.rounds} rounds, {args.duration}s each, "
+          f"{args.connections} connections, {os.cpu_count()} cores\n")
+    print(f"| scenario | target | req/s | p50 ms | p99 ms | vs nginx |")
+    print("|---|---|---:|---:|---:|---:|")
+    for scenario, by_target in results.items():
+        nginx_rps = statistics.median(r[0] for r in by_target["nginx"])
+        for name, runs in by_target.items():
+            rps = statistics.median(r[0] for r in runs)
+            p50 = statistics.median(r[1] for r in runs)
+            p99 = statistics.median(r[2] for r in runs)
+            print(f"| {scenario} | {name} | {rps:.0f} | {p50:.2f} | {p99:.2f} | "
+                  f"{rps / nginx_rps:.2f}x |")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

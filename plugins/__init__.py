@@ -1,0 +1,1 @@
+"""Request/response plugins, registered under the `bascule.plugins` entry-point group."""

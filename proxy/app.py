@@ -1,0 +1,141 @@
+"""Assembles one Runtime (routes, upstreams with balancers and connection pools)
+from a validated Config. Building has no side effects beyond objects, so a config
+can be fully checked (`bascule check`) by building it."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+from proxy.balancer import Balancer
+from proxy.config import Config, ServerConfig, TimeoutsConfig, UpstreamConfig
+from proxy.errors import ConfigError, ConfigProblem
+from proxy.headers import IPNetwork
+from proxy.loader import STRATEGY_GROUP, load
+from proxy.models import Backend, BackendSet
+from proxy.routing import Route, RouteTable
+from proxy.strategy import Strategy
+from proxy.upstream.pool import BackendPool
+
+__all__ = ["Runtime", "Upstream", "build_runtime", "build_strategy"]
+
+
+class Upstream:
+    """One upstream as the forwarder sees it."""
+
+    def __init__(self, name: str, config: UpstreamConfig, balancer: Balancer) -> None:
+        self.name = name
+        self.config = config
+        self.balancer = balancer
+        self.timeouts: TimeoutsConfig = config.timeouts
+        self.max_attempts = config.max_attempts
+        self.pools: dict[str, BackendPool] = {}
+
+    def pool_for(self, backend: Backend) -> BackendPool:
+        pool = self.pools.get(backend.id)
+        if pool is None:
+            pool = self.pools[backend.id] = BackendPool(
+                backend.host, backend.port,
+                max_idle=self.config.pool_size,
+                idle_timeout=self.config.idle_timeout,
+                connect_timeout=self.timeouts.connect,
+            )
+        return pool
+
+    def close(self) -> None:
+        for pool in self.pools.values():
+            pool.close()
+
+    def __repr__(self) -> str:
+        return f"Upstream({self.name!r}, {self.balancer!r})"
+
+
+@dataclass
+class Runtime:
+    config: Config
+    server: ServerConfig
+    routes: RouteTable
+    upstreams: dict[str, Upstream]
+    trusted: tuple[IPNetwork, ...]
+    ws_session: Any = None  # aiohttp.ClientSession, made on the first WebSocket
+    loop: Any = None  # the worker's event loop, set when serving starts
+
+    async def aclose(self) -> None:
+        self.close()
+        if self.ws_session is not None:
+            await self.ws_session.close()
+
+    def sweep_idle(self, now: float) -> None:
+        for upstream in self.upstreams.values():
+            for pool in upstream.pools.values():
+                pool.sweep(now)
+
+    def close(self) -> None:
+        for upstream in self.upstreams.values():
+            upstream.close()
+
+
+def build_strategy(name: str, options: dict[str, Any], file: str, path: str) -> Strategy:
+    try:
+        factory = load(STRATEGY_GROUP, name)
+    except ValueError as exc:
+        raise ConfigError([ConfigProblem(file, f"{path}.strategy", str(exc))]) from None
+    try:
+        strategy = factory(dict(options))
+    except ValueError as exc:
+        # Strategies name the option first ("vnodes: must be >= 1").
+        message = str(exc)
+        option, sep, rest = message.partition(": ")
+        key = f"{path}.strategy_options.{option}" if sep and " " not in option else (
+            f"{path}.strategy_options")
+        raise ConfigError([ConfigProblem(file, key, rest if sep and " " not in option
+                                         else message)]) from None
+    except TypeError as exc:
+        raise ConfigError([ConfigProblem(
+            file, f"{path}.strategy", f"{name!r} is not a usable strategy: {exc}")]) from None
+    if not hasattr(strategy, "pick") or not hasattr(strategy, "update"):
+        raise ConfigError([ConfigProblem(
+            file, f"{path}.strategy", f"{name!r} has no pick()/update() methods")])
+    return strategy
+
+
+def build_runtime(config: Config, file: str) -> Runtime:
+    problems: list[ConfigProblem] = []
+    upstreams: dict[str, Upstream] = {}
+    for name, up in config.upstreams.items():
+        try:
+            strategy = build_strategy(up.strategy, up.strategy_options, file,
+                                      f"upstreams.{name}")
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+            continue
+        balancer = Balancer(name, strategy)
+        backends = tuple(
+            Backend(entry.address, *entry.host_port, weight=entry.weight)
+            for entry in up.backends
+        )
+        balancer.update(BackendSet(version=1, backends=backends))
+        upstreams[name] = Upstream(name, up, balancer)
+    if problems:
+        raise ConfigError(problems)
+    routes = RouteTable([
+        Route(
+            name=f"routes[{i}]", upstream=r.upstream, host=r.host,
+            path_prefix=r.path_prefix, strip_prefix=r.strip_prefix,
+            pass_host=r.pass_host, websocket=r.websocket,
+        )
+        for i, r in enumerate(config.routes)
+    ])
+    return Runtime(
+        config=config, server=config.server, routes=routes, upstreams=upstreams,
+        trusted=config.server.trusted_networks(),
+    )
+
+
+async def sweep_forever(get_runtime: Any, interval: float = 5.0) -> None:
+    """Close idle upstream connections past their idle timeout."""
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(interval)
+        get_runtime().sweep_idle(loop.time())

@@ -1,0 +1,48 @@
+"""An upstream's balancer: the current backend snapshot, its strategy, and the lease
+that counts in-flight requests on each backend."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from proxy.models import Backend, BackendSet
+from proxy.strategy import ObservingStrategy, RequestContext, Strategy
+
+__all__ = ["Balancer"]
+
+
+class Balancer:
+    def __init__(self, name: str, strategy: Strategy) -> None:
+        self.name = name
+        self.strategy = strategy
+        self.backends: tuple[Backend, ...] = ()
+        self.version = 0
+        self._observer = strategy if isinstance(strategy, ObservingStrategy) else None
+
+    def update(self, backend_set: BackendSet) -> None:
+        """Swap in a new snapshot. Backends whose identity is unchanged keep their
+        Backend object, so in-flight counts and health survive the update."""
+        current = {(b.id, b.host, b.port, b.weight): b for b in self.backends}
+        merged: list[Backend] = [
+            current.get((b.id, b.host, b.port, b.weight), b) for b in backend_set.backends
+        ]
+        self.strategy.update(merged)
+        self.backends = tuple(merged)
+        self.version = backend_set.version
+
+    def lease(self, ctx: RequestContext) -> Backend:
+        backend = self.strategy.pick(ctx)
+        backend.inflight += 1
+        return backend
+
+    def release(self, backend: Backend, latency_s: float = 0.0, ok: bool = True) -> None:
+        backend.inflight -= 1
+        if self._observer is not None:
+            self._observer.observe(backend, latency_s, ok)
+
+    def by_id(self) -> dict[str, Backend]:
+        return {b.id: b for b in self.backends}
+
+    def __repr__(self) -> str:
+        inner: Sequence[Backend] = self.backends
+        return f"Balancer({self.name!r}, {type(self.strategy).__name__}, {list(inner)!r})"

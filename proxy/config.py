@@ -1,0 +1,276 @@
+"""The TOML config: schema (pydantic, unknown keys forbidden), cross-reference checks,
+and errors reported as `FILE: key.path: what is wrong`.
+
+Defaults follow what nginx/Envoy users expect; `config/examples/reference.toml`
+documents every key with its default.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
+
+from proxy.errors import ConfigError, ConfigProblem
+from proxy.units import parse_duration, parse_size
+
+__all__ = [
+    "AdminConfig",
+    "BackendEntry",
+    "Config",
+    "RouteConfig",
+    "ServerConfig",
+    "TimeoutsConfig",
+    "UpstreamConfig",
+    "load_config",
+    "parse_config",
+    "parse_hostport",
+]
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Size = Annotated[int, BeforeValidator(parse_size)]
+
+
+def parse_hostport(value: str, *, default_host: str | None = None) -> tuple[str, int]:
+    """("127.0.0.1", 8080) from "127.0.0.1:8080", "[::1]:8080" or "localhost:80"."""
+    if not isinstance(value, str):
+        raise ValueError(f'must be "host:port", got {value!r}')
+    host, sep, port_s = value.rpartition(":")
+    if not sep:
+        raise ValueError(f'must be "host:port", got {value!r}')
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        ipaddress.IPv6Address(host)
+    elif ":" in host:
+        raise ValueError(f'IPv6 addresses must be bracketed like "[::1]:8080", got {value!r}')
+    if not host:
+        if default_host is None:
+            raise ValueError(f'must be "host:port" with a host, got {value!r}')
+        host = default_host
+    if not port_s.isdigit() or not 0 < int(port_s) < 65536:
+        raise ValueError(f"port must be 1-65535, got {port_s!r}")
+    return host, int(port_s)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class ServerConfig(_Strict):
+    listen: list[str] = Field(default_factory=lambda: ["127.0.0.1:8080"], min_length=1)
+    workers: int | Literal["auto"] = 1
+    uvloop: bool = True
+    graceful_timeout: Duration = 30.0
+    keepalive_timeout: Duration = 75.0
+    request_header_timeout: Duration = 10.0
+    body_idle_timeout: Duration = 30.0
+    max_body_size: Size = 100 * 1024**2
+    max_header_size: Size = 32 * 1024
+    max_headers: int = Field(default=100, ge=1, le=10_000)
+    trusted_proxies: list[str] = Field(default_factory=list)
+
+    @field_validator("listen")
+    @classmethod
+    def _listen_addresses(cls, value: list[str]) -> list[str]:
+        for item in value:
+            parse_hostport(item, default_host="0.0.0.0")
+        return value
+
+    @field_validator("workers")
+    @classmethod
+    def _workers(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 1 <= value <= 256:
+            raise ValueError('must be 1-256 or "auto"')
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or CIDR") from None
+        return value
+
+    @field_validator("max_header_size")
+    @classmethod
+    def _header_size(cls, value: int) -> int:
+        if value < 1024:
+            raise ValueError("must be at least 1KiB")
+        return value
+
+    def worker_count(self) -> int:
+        return (os.cpu_count() or 1) if self.workers == "auto" else int(self.workers)
+
+    def trusted_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return tuple(ipaddress.ip_network(n, strict=False) for n in self.trusted_proxies)
+
+
+class AdminConfig(_Strict):
+    listen: str = "127.0.0.1:9901"
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        parse_hostport(value, default_host="0.0.0.0")
+        return value
+
+
+class RouteConfig(_Strict):
+    upstream: str
+    host: str | None = None
+    path_prefix: str = "/"
+    strip_prefix: bool = False
+    pass_host: bool = True
+    websocket: bool = True
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        host = value.strip().lower()
+        bare = host[2:] if host.startswith("*.") else host
+        if not bare or "*" in bare or "/" in bare or " " in bare:
+            raise ValueError(f'must be a host name like "api.example.com" or "*.example.com", '
+                             f"got {value!r}")
+        return host
+
+    @field_validator("path_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError(f'must start with "/", got {value!r}')
+        return value
+
+
+def _backend_entry(value: Any) -> Any:
+    return {"address": value} if isinstance(value, str) else value
+
+
+class BackendEntry(_Strict):
+    address: str
+    weight: int = Field(default=1, ge=1, le=10_000)
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        parse_hostport(value)
+        return value
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        return parse_hostport(self.address)
+
+
+class TimeoutsConfig(_Strict):
+    connect: Duration = 3.0
+    response_header: Duration = 60.0
+    read_idle: Duration = 60.0
+    total: Duration | None = None
+
+
+class UpstreamConfig(_Strict):
+    backends: list[Annotated[BackendEntry, BeforeValidator(_backend_entry)]] = Field(
+        min_length=1
+    )
+    strategy: str = "round_robin"
+    strategy_options: dict[str, Any] = Field(default_factory=dict)
+    timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
+    pool_size: int = Field(default=64, ge=0, le=100_000)
+    idle_timeout: Duration = 15.0
+    max_attempts: int = Field(default=3, ge=1, le=100)
+
+
+class Config(_Strict):
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    admin: AdminConfig = Field(default_factory=AdminConfig)
+    routes: list[RouteConfig] = Field(min_length=1)
+    upstreams: dict[str, UpstreamConfig] = Field(min_length=1)
+
+
+def _format_loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part.startswith("function-") or part in {"str", "int", "literal['auto']"}:
+            continue  # pydantic's union/validator branch names mean nothing to a user
+        else:
+            out += ("." if out else "") + part
+    return out
+
+
+def _message(error: Any) -> str:
+    msg = str(error["msg"])
+    if error["type"] == "extra_forbidden":
+        return "unknown key (typo?)"
+    if error["type"] == "missing":
+        return "required key is missing"
+    return msg.removeprefix("Value error, ")
+
+
+def _cross_check(config: Config, file: str) -> list[ConfigProblem]:
+    problems: list[ConfigProblem] = []
+    seen: dict[tuple[str | None, str], int] = {}
+    for i, route in enumerate(config.routes):
+        if route.upstream not in config.upstreams:
+            known = ", ".join(sorted(config.upstreams)) or "none"
+            problems.append(ConfigProblem(
+                file, f"routes[{i}].upstream",
+                f"upstream {route.upstream!r} is not defined (defined: {known})"))
+        key = (route.host, route.path_prefix)
+        if key in seen:
+            problems.append(ConfigProblem(
+                file, f"routes[{i}]",
+                f"duplicate route: same host and path_prefix as routes[{seen[key]}]"))
+        else:
+            seen[key] = i
+    for name, upstream in config.upstreams.items():
+        addresses = [b.address for b in upstream.backends]
+        for dup in sorted({a for a in addresses if addresses.count(a) > 1}):
+            problems.append(ConfigProblem(
+                file, f"upstreams.{name}.backends", f"backend {dup!r} is listed twice"))
+    return problems
+
+
+def parse_config(data: dict[str, Any], file: str) -> Config:
+    """Validate a parsed TOML document; raise ConfigError listing every problem."""
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        problems = [
+            ConfigProblem(file, _format_loc(err["loc"]), _message(err))
+            for err in exc.errors()
+        ]
+        raise ConfigError(problems) from None
+    problems = _cross_check(config, file)
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def load_config(path: str | Path) -> Config:
+    file = str(path)
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError([ConfigProblem(file, "", "file not found")]) from None
+    except OSError as exc:
+        raise ConfigError([ConfigProblem(file, "", f"cannot read: {exc.strerror}")]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([ConfigProblem(file, "", f"invalid TOML: {exc}")]) from None
+    return parse_config(data, file)

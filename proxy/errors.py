@@ -1,0 +1,81 @@
+"""The one error tree. Each class carries the HTTP status a client sees for it;
+aiohttp/asyncio exceptions are translated into these at the forwarding boundary."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = [
+    "BasculeError",
+    "BodyTooLarge",
+    "ConfigError",
+    "ConfigProblem",
+    "NoBackendError",
+    "NoRouteError",
+    "PluginError",
+    "UpstreamConnectError",
+    "UpstreamProtocolError",
+    "UpstreamTimeout",
+]
+
+
+class BasculeError(Exception):
+    status = 500
+    public_message = "internal error"
+
+
+class NoRouteError(BasculeError):
+    status = 404
+    public_message = "no route for this request"
+
+
+class NoBackendError(BasculeError):
+    status = 503
+    public_message = "no backend available"
+
+
+class UpstreamConnectError(BasculeError):
+    status = 502
+    public_message = "could not connect to any backend"
+
+
+class UpstreamProtocolError(BasculeError):
+    """The backend broke the connection or sent something that is not HTTP/1.1."""
+
+    status = 502
+    public_message = "bad response from backend"
+
+
+class UpstreamTimeout(BasculeError):
+    status = 504
+    public_message = "backend timed out"
+
+
+class BodyTooLarge(BasculeError):
+    status = 413
+    public_message = "request body too large"
+
+
+class PluginError(BasculeError):
+    status = 500
+    public_message = "plugin error"
+
+
+@dataclass(frozen=True)
+class ConfigProblem:
+    """One thing wrong with one config file, printed as `FILE: key.path: message`."""
+
+    file: str
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.path}: {self.message}" if self.path else (
+            f"{self.file}: {self.message}"
+        )
+
+
+class ConfigError(BasculeError):
+    def __init__(self, problems: list[ConfigProblem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))

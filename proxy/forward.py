@@ -1,0 +1,391 @@
+"""Forwarding one request to a backend: route match → lease → upstream exchange →
+response streamed back. This is the hot path: the per-request work is header
+rewriting on bytes, one strategy pick and the exchange itself; bodies stream chunk
+by chunk in both directions, with backpressure both ways.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Final
+
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from yarl import URL
+
+from proxy.app import Runtime, Upstream
+from proxy.errors import (
+    BasculeError,
+    BodyTooLarge,
+    NoBackendError,
+    NoRouteError,
+    UpstreamConnectError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+)
+from proxy.headers import build_request_head, is_trusted, response_head_block
+from proxy.models import Backend
+from proxy.response import ProxiedResponse
+from proxy.routing import Route, normalise_host, strip_path_prefix
+from proxy.strategy import RequestContext
+from proxy.upstream.connection import ResponseHead, UpstreamConnection
+from proxy.upstream.pool import BackendPool
+
+__all__ = ["ClientBodyTimeout", "Forwarder", "error_response"]
+
+log = logging.getLogger("bascule.forward")
+
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+_NO_BODY_STATUS: Final = frozenset({204, 304})
+
+
+class ClientBodyTimeout(BasculeError):
+    status = 408
+    public_message = "request body timed out"
+
+
+class _ClientGone(BasculeError):
+    """The client disconnected or sent a broken body; nobody to answer."""
+
+
+def error_response(status: int, message: str, *, close: bool = False) -> web.Response:
+    """Short plain-text error; never echoes request bytes."""
+    resp = web.Response(status=status, text=message + "\n", content_type="text/plain")
+    if close:
+        resp.force_close()
+    return resp
+
+
+class _IdleWatchdog:
+    """Cancels the current task when no progress was made for the phase's limit
+    (0: waiting for client body bytes, 1: waiting for the backend to take them).
+    One timer per body, re-armed only when it fires, instead of a timeout context
+    per chunk."""
+
+    __slots__ = ("_handle", "_last", "_limits", "_loop", "_task", "fired", "phase")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, client_idle: float,
+                 backend_idle: float) -> None:
+        self._loop = loop
+        self._limits = (client_idle, backend_idle)
+        self._task = asyncio.current_task(loop)
+        self._last = loop.time()
+        self.phase = 0
+        self.fired = -1
+        self._handle: asyncio.TimerHandle | None = loop.call_later(
+            min(self._limits), self._check)
+
+    def progress(self) -> None:
+        self._last = self._loop.time()
+
+    def _check(self) -> None:
+        limit = self._limits[self.phase]
+        idle = self._loop.time() - self._last
+        if idle >= limit:
+            self._handle = None
+            self.fired = self.phase
+            if self._task is not None:
+                self._task.cancel()
+        else:
+            self._handle = self._loop.call_later(limit - idle, self._check)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+
+class Forwarder:
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        runtime = self.runtime
+        target = request.raw_path
+        host_header = request.headers.get("Host", "")
+        if not target.startswith("/"):
+            if target == "*":
+                path_for_match = "/"
+            else:
+                # absolute-form (RFC 9112 §3.2.2): the target's authority replaces Host.
+                try:
+                    url = URL(target, encoded=True)
+                except ValueError:
+                    return error_response(400, "bad request target", close=True)
+                if not url.absolute or not url.raw_host:
+                    return error_response(400, "bad request target", close=True)
+                host_header = url.raw_authority
+                target = url.raw_path_qs or "/"
+                path_for_match = target
+        else:
+            path_for_match = target
+        route = runtime.routes.match(normalise_host(host_header), path_for_match)
+        if route is None:
+            return error_response(NoRouteError.status, NoRouteError.public_message)
+        upstream = runtime.upstreams[route.upstream]
+
+        if (route.websocket and request.headers.get("Upgrade", "").lower() == "websocket"):
+            from proxy.websocket import tunnel_websocket
+
+            return await tunnel_websocket(request, route, upstream, runtime)
+
+        server = runtime.server
+        length = request.content_length
+        chunked = "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+        max_body = server.max_body_size
+        if length is not None and max_body and length > max_body:
+            return error_response(413, BodyTooLarge.public_message, close=True)
+
+        if chunked:
+            framing = b"Transfer-Encoding: chunked\r\n"
+            has_body = True
+        elif length is not None and (length > 0 or request.method not in ("GET", "HEAD")):
+            framing = b"Content-Length: %d\r\n" % length
+            has_body = length > 0
+        else:
+            framing = b""
+            has_body = False
+
+        if route.strip_prefix and route.path_prefix != "/":
+            target = strip_path_prefix(target, route.path_prefix)
+        peer = request.protocol.peer  # type: ignore[attr-defined]
+        head_rest, client_host, head_size = build_request_head(
+            request.raw_headers,
+            peer=peer,
+            trusted_peer=is_trusted(peer, runtime.trusted),
+            framing=framing,
+        )
+        if head_size > server.max_header_size:
+            return error_response(431, "request header fields too large", close=True)
+        request_line = (request.method.encode("ascii") + b" "
+                        + target.encode("utf-8", "surrogateescape") + b" HTTP/1.1\r\n")
+        exchange = _Exchange(request, route, upstream, runtime, request_line, head_rest,
+                             client_host, has_body, chunked)
+        try:
+            return await exchange.run()
+        except BasculeError as exc:
+            return error_response(exc.status, exc.public_message,
+                                  close=exc.status in (408, 413))
+
+
+class _Exchange:
+    """State of one proxied request across its attempts."""
+
+    __slots__ = ("backend", "chunked", "client_host", "conn", "has_body", "head_rest",
+                 "pool", "request", "request_line", "route", "runtime", "upstream")
+
+    def __init__(
+        self, request: web.BaseRequest, route: Route, upstream: Upstream, runtime: Runtime,
+        request_line: bytes, head_rest: bytes, client_host: bytes, has_body: bool,
+        chunked: bool,
+    ) -> None:
+        self.request = request
+        self.route = route
+        self.upstream = upstream
+        self.runtime = runtime
+        self.request_line = request_line
+        self.head_rest = head_rest
+        self.client_host = client_host
+        self.has_body = has_body
+        self.chunked = chunked
+        self.backend: Backend | None = None
+        self.pool: BackendPool | None = None
+        self.conn: UpstreamConnection | None = None
+
+    async def run(self) -> web.StreamResponse:
+        loop = self.runtime.loop
+        started = loop.time()
+        ok = False
+        try:
+            head = await self._connect_and_send()
+            resp = await self._respond(head)
+            ok = True
+            return resp
+        finally:
+            if self.conn is not None:
+                self._release_conn(False)
+            if self.backend is not None:
+                self.upstream.balancer.release(self.backend, loop.time() - started, ok)
+
+    async def _connect_and_send(self) -> ResponseHead:
+        upstream = self.upstream
+        balancer = upstream.balancer
+        ctx = RequestContext()
+        last_error: BasculeError = NoBackendError("no backend")
+        stale_retry_left = True
+        attempts = 0
+        while attempts < upstream.max_attempts:
+            attempts += 1
+            self.backend = backend = balancer.lease(ctx)
+            self.pool = pool = upstream.pool_for(backend)
+            try:
+                self.conn, reused = await pool.acquire()
+            except UpstreamConnectError as exc:
+                log.warning("upstream %s: %s", upstream.name, exc)
+                balancer.release(backend, 0.0, False)
+                self.backend = None
+                last_error = exc
+                ctx.exclude = ctx.exclude | {backend.id}
+                continue
+            try:
+                return await self._send(backend)
+            except UpstreamProtocolError as exc:
+                conn = self.conn
+                # A pooled connection the backend closed while idle fails before a
+                # single response byte; nothing was processed, so a bodiless request
+                # is safely resent once on a fresh connection.
+                if (reused and stale_retry_left and not self.has_body
+                        and not conn.received_any):
+                    stale_retry_left = False
+                    self._release_conn(False)
+                    balancer.release(backend, 0.0, True)
+                    self.backend = None
+                    attempts -= 1
+                    continue
+                log.warning("upstream %s backend %s: %s", upstream.name, backend.id, exc)
+                raise
+        if isinstance(last_error, UpstreamConnectError):
+            raise UpstreamConnectError(str(last_error))
+        raise last_error
+
+    async def _send(self, backend: Backend) -> ResponseHead:
+        conn = self.conn
+        assert conn is not None
+        timeouts = self.upstream.timeouts
+        host = self.client_host if self.route.pass_host and self.client_host else (
+            backend.address.encode("ascii"))
+        conn.begin(self.request_line + b"Host: " + host + b"\r\n" + self.head_rest,
+                   is_head=self.request.method == "HEAD")
+        if timeouts.total:
+            conn.arm_total(timeouts.total)
+        if not self.has_body:
+            conn.request_sent()
+            conn.arm_timer(timeouts.response_header, "response header")
+            return await conn.read_head()
+        request = self.request
+        if (request.version >= (1, 1)
+                and request.headers.get("Expect", "").lower() == "100-continue"):
+            await request.writer.write(_CONTINUE)
+        pump = self.runtime.loop.create_task(self._send_body(conn))
+        try:
+            head = await conn.read_head()
+        except BaseException:
+            pump.cancel()
+            raise
+        if not pump.done():
+            # The backend answered before reading the whole body (e.g. its own 413):
+            # stop sending; the connection cannot be reused.
+            pump.cancel()
+        return head
+
+    async def _send_body(self, conn: UpstreamConnection) -> None:
+        server = self.runtime.server
+        max_body = server.max_body_size
+        content = self.request.content
+        chunked = self.chunked
+        sent = 0
+        watchdog = _IdleWatchdog(self.runtime.loop, server.body_idle_timeout,
+                                 self.upstream.timeouts.read_idle)
+        try:
+            while True:
+                watchdog.phase = 0
+                chunk = await content.readany()
+                watchdog.progress()
+                if not chunk:
+                    break
+                sent += len(chunk)
+                if max_body and sent > max_body:
+                    raise BodyTooLarge("body over max_body_size")
+                if chunked:
+                    conn.write(b"%x\r\n" % len(chunk))
+                    conn.write(chunk)
+                    conn.write(b"\r\n")
+                else:
+                    conn.write(chunk)
+                watchdog.phase = 1
+                await conn.drain()
+                watchdog.progress()
+            if chunked:
+                conn.write(b"0\r\n\r\n")
+            conn.request_sent()
+            if not conn.head_received:
+                conn.arm_timer(self.upstream.timeouts.response_header, "response header")
+        except asyncio.CancelledError:
+            if watchdog.fired == 0:
+                conn.abort(ClientBodyTimeout("client body idle timeout"))
+            elif watchdog.fired == 1:
+                conn.abort(UpstreamTimeout("backend stopped reading the request body"))
+            else:
+                raise
+        except BodyTooLarge as exc:
+            conn.abort(exc)
+        except (HttpProcessingError, ConnectionError, OSError) as exc:
+            conn.abort(_ClientGone(f"client body: {exc}"))
+        except BasculeError:
+            pass  # the exchange already failed; read_head reports it
+        finally:
+            watchdog.stop()
+
+    async def _respond(self, head: ResponseHead) -> web.StreamResponse:
+        conn = self.conn
+        assert conn is not None
+        request = self.request
+        block, length, has_date = response_head_block(head.headers)
+        body = conn.take_buffered_body()
+        no_body = request.method == "HEAD" or head.status in _NO_BODY_STATUS
+        if length is None and body is not None and not no_body:
+            length = len(body)  # complete already: send it length-delimited
+        resp = ProxiedResponse(head.status, head.reason, block, length, has_date)
+        try:
+            return await self._write_response(resp, body, no_body)
+        except ConnectionError:
+            # The client went away mid-response; the backend connection is dropped
+            # (by run()'s cleanup) because its response was not fully read.
+            return resp
+
+    async def _write_response(self, resp: ProxiedResponse, body: bytes | None,
+                              no_body: bool) -> web.StreamResponse:
+        conn = self.conn
+        assert conn is not None
+        request = self.request
+        if body is not None:
+            # Whole response already here: give the connection back before writing,
+            # and send head and body in one write (one syscall, not two).
+            resp._send_headers_immediately = False
+            self._release_conn(conn.finish())
+            await resp.prepare(request)
+            await resp.write_eof(b"" if no_body else body)
+            return resp
+        # Headers go out with the first body bytes when some already arrived;
+        # otherwise at once, so SSE/long-poll clients see the response start.
+        resp._send_headers_immediately = not conn.has_buffered_body
+        await resp.prepare(request)
+        read_idle = self.upstream.timeouts.read_idle
+        while True:
+            conn.arm_timer(read_idle, "read idle")
+            try:
+                chunk = await conn.read_chunk()
+            except (UpstreamProtocolError, UpstreamTimeout) as exc:
+                # Cut the client's response: a truncated body must never look complete.
+                log.warning("upstream %s backend %s died mid-response: %s",
+                            self.upstream.name, self.backend.id if self.backend else "?", exc)
+                transport = request.transport
+                if transport is not None:
+                    transport.abort()
+                return resp
+            if not chunk:
+                break
+            await resp.write(chunk)
+        self._release_conn(conn.finish())
+        await resp.write_eof()
+        return resp
+
+    def _release_conn(self, reusable: bool) -> None:
+        conn, pool = self.conn, self.pool
+        self.conn = None
+        if conn is None or pool is None:
+            return
+        if not reusable:
+            conn.finish()
+        pool.release(conn, reusable)

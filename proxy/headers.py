@@ -1,0 +1,170 @@
+"""Header rewriting between client and backend (pure functions, bytes in, bytes out).
+
+Hop-by-hop headers, RFC 9110 §7.6.1: "Connection" and every field it names, plus the
+fields that are hop-by-hop by definition (Keep-Alive, Proxy-Connection, TE, Trailer,
+Transfer-Encoding, Upgrade) and the proxy-credential fields (Proxy-Authenticate,
+Proxy-Authorization) are removed before forwarding. Only *then* are the
+X-Forwarded-* and Via fields added, so `Connection: X-Forwarded-For` cannot delete
+what the proxy adds. Message framing (Content-Length / Transfer-Encoding) and Host
+are always rebuilt by the proxy, never taken from a Connection-nominated list.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Sequence
+from functools import lru_cache
+
+__all__ = [
+    "HOP_BY_HOP",
+    "IPNetwork",
+    "build_request_head",
+    "connection_tokens",
+    "is_trusted",
+    "response_head_block",
+]
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+    b"transfer-encoding", b"upgrade", b"proxy-authenticate", b"proxy-authorization",
+})
+# Rebuilt by the proxy for every request: framing, Host, and Expect (Bascule answers
+# 100-continue itself, like nginx, so the backend never waits for it).
+_REBUILT = frozenset({b"content-length", b"host", b"expect"})
+_FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
+_DROP_REQUEST = HOP_BY_HOP | _REBUILT | _FORWARDED | {b"via"}
+_DROP_RESPONSE = HOP_BY_HOP | {b"via", b"content-length"}
+_VIA = b"1.1 bascule"
+
+
+def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """Lower-cased field names listed in every Connection header."""
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    return frozenset(tokens)
+
+
+@lru_cache(maxsize=4096)
+def _parse_ip(peer: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(peer)
+    except ValueError:
+        return None
+
+
+def is_trusted(peer: str | None, networks: Sequence[IPNetwork]) -> bool:
+    if not networks or not peer:
+        return False
+    ip = _parse_ip(peer)
+    return ip is not None and any(ip in net for net in networks)
+
+
+def build_request_head(
+    raw_headers: Sequence[tuple[bytes, bytes]],
+    *,
+    peer: str,
+    trusted_peer: bool,
+    proto: bytes = b"http",
+    framing: bytes = b"",
+) -> tuple[bytes, bytes, int]:
+    """The forwarded header block (without request line and Host), the client's
+    Host value and the size of the client's header block. `framing` is the
+    Content-Length/Transfer-Encoding line to send."""
+    kept: list[tuple[bytes, bytes]] = []
+    nominated: set[bytes] | None = None
+    host = b""
+    client_xff = client_proto = client_xfh = b""
+    via = b""
+    size = 0
+    for name, value in raw_headers:
+        size += len(name) + len(value) + 4
+        lname = name.lower()
+        if lname not in _DROP_REQUEST:
+            kept.append((lname, name + b": " + value + b"\r\n"))
+        elif lname == b"host":
+            host = value
+        elif lname == b"connection":
+            if nominated is None:
+                nominated = set()
+            nominated.update(t.strip().lower() for t in value.split(b","))
+        elif lname == b"x-forwarded-for":
+            client_xff = client_xff + b", " + value if client_xff else value
+        elif lname == b"x-forwarded-proto":
+            client_proto = value
+        elif lname == b"x-forwarded-host":
+            client_xfh = value
+        elif lname == b"via":
+            via = via + b", " + value if via else value
+    if nominated:
+        lines = [line for lname, line in kept if lname not in nominated]
+        # A client may nominate its own forwarding fields; they are then not trusted.
+        if b"x-forwarded-for" in nominated:
+            client_xff = b""
+        if b"x-forwarded-proto" in nominated:
+            client_proto = b""
+        if b"x-forwarded-host" in nominated:
+            client_xfh = b""
+        if b"via" in nominated:
+            via = b""
+    else:
+        lines = [line for _, line in kept]
+    peer_b = peer.encode("ascii", "replace")
+    if trusted_peer and client_xff:
+        xff = client_xff + b", " + peer_b
+    else:
+        xff = peer_b
+    if not trusted_peer or not client_proto:
+        client_proto = proto
+    if not trusted_peer or not client_xfh:
+        client_xfh = host
+    lines.append(b"X-Forwarded-For: " + xff + b"\r\n")
+    lines.append(b"X-Forwarded-Proto: " + client_proto + b"\r\n")
+    if client_xfh:
+        lines.append(b"X-Forwarded-Host: " + client_xfh + b"\r\n")
+    lines.append(b"Via: " + (via + b", " + _VIA if via else _VIA) + b"\r\n")
+    if framing:
+        lines.append(framing)
+    lines.append(b"\r\n")
+    return b"".join(lines), host, size
+
+
+def response_head_block(raw: Sequence[tuple[bytes, bytes]]) -> tuple[bytes, int | None, bool]:
+    """Client-bound header lines (hop-by-hop and framing removed, Via appended),
+    the backend's Content-Length if the body is length-delimited, and whether the
+    backend sent a Date. Framing is re-applied by the writer, never copied blindly."""
+    kept: list[tuple[bytes, bytes]] = []
+    nominated: set[bytes] | None = None
+    via = b""
+    length: int | None = None
+    chunked = False
+    has_date = False
+    for name, value in raw:
+        lname = name.lower()
+        if lname not in _DROP_RESPONSE:
+            kept.append((lname, name + b": " + value + b"\r\n"))
+            if lname == b"date":
+                has_date = True
+        elif lname == b"content-length":
+            if value.strip().isdigit():
+                length = int(value)
+        elif lname == b"transfer-encoding":
+            chunked = True
+        elif lname == b"connection":
+            if nominated is None:
+                nominated = set()
+            nominated.update(t.strip().lower() for t in value.split(b","))
+        elif lname == b"via":
+            via = via + b", " + value if via else value
+    if nominated:
+        lines = [line for lname, line in kept if lname not in nominated]
+        if b"via" in nominated:
+            via = b""
+    else:
+        lines = [line for _, line in kept]
+    lines.append(b"Via: " + (via + b", " + _VIA if via else _VIA) + b"\r\n")
+    # RFC 9112 §6.3: Transfer-Encoding overrides Content-Length.
+    return b"".join(lines), None if chunked else length, has_date

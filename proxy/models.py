@@ -1,0 +1,40 @@
+"""Runtime values shared by discovery, balancer and strategies."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Backend", "BackendSet"]
+
+
+class Backend:
+    """One backend of an upstream. Identity (`id`, address, weight) is fixed; the
+    counters are mutable runtime state kept by the balancer's lease, so they survive
+    discovery updates that keep the backend's identity."""
+
+    __slots__ = ("healthy", "host", "id", "inflight", "port", "weight")
+
+    def __init__(self, id: str, host: str, port: int, weight: int = 1) -> None:
+        self.id = id
+        self.host = host
+        self.port = port
+        self.weight = weight
+        self.inflight = 0
+        self.healthy = True
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    def __repr__(self) -> str:
+        state = "up" if self.healthy else "down"
+        return (f"Backend({self.id!r}, {self.address}, weight={self.weight}, "
+                f"inflight={self.inflight}, {state})")
+
+
+@dataclass(frozen=True)
+class BackendSet:
+    """A complete, versioned set of backends as published by discovery."""
+
+    version: int
+    backends: tuple[Backend, ...]

@@ -1,0 +1,82 @@
+"""The client-bound response for a proxied exchange.
+
+aiohttp's StreamResponse builds a CIMultiDict, adds Content-Type and Server when
+missing and re-serialises every header; for a proxy that is both wrong (a proxy must
+not invent a Content-Type) and the largest per-request cost after the syscalls. This
+subclass writes the backend's already-filtered header lines as they are, and only
+decides what is hop-by-hop for the client connection: framing (Content-Length or
+chunked, RFC 9112 §6), Connection, and Date when the backend sent none (RFC 9110
+§6.6.1). aiohttp's writer still owns the socket, keep-alive and flow control.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+from aiohttp.helpers import rfc822_formatted_time
+from aiohttp.http import HttpVersion10, HttpVersion11
+
+__all__ = ["ProxiedResponse"]
+
+_NO_BODY_STATUS = frozenset({204, 304})
+
+
+class ProxiedResponse(web.StreamResponse):
+    def __init__(self, status: int, reason: bytes, head_block: bytes,
+                 length: int | None, has_date: bool) -> None:
+        super().__init__(status=status)
+        self._reason_bytes = reason
+        self._head_block = head_block
+        self._upstream_length = length
+        self._has_date = has_date
+        self._framing = b""
+
+    async def _prepare_headers(self) -> None:
+        request = self._req
+        writer = self._payload_writer
+        assert request is not None and writer is not None
+        keep_alive = self._keep_alive
+        if keep_alive is None:
+            keep_alive = request.keep_alive
+        version = request.version
+        length = self._upstream_length
+        status = self.status
+        if status in _NO_BODY_STATUS or 100 <= status < 200:
+            framing = b"" if status == 204 or length is None else (
+                b"Content-Length: %d\r\n" % length)
+        elif request.method == "HEAD":
+            framing = b"" if length is None else b"Content-Length: %d\r\n" % length
+        elif length is not None:
+            writer.length = length
+            framing = b"Content-Length: %d\r\n" % length
+        elif version >= HttpVersion11:
+            writer.enable_chunking()
+            framing = b"Transfer-Encoding: chunked\r\n"
+        else:
+            framing = b""
+            keep_alive = False  # HTTP/1.0 without a length: the body ends at close
+        if not keep_alive:
+            if version == HttpVersion11:
+                framing += b"Connection: close\r\n"
+        elif version == HttpVersion10:
+            framing += b"Connection: keep-alive\r\n"
+        if not self._has_date:
+            framing += b"Date: " + rfc822_formatted_time().encode("ascii") + b"\r\n"
+        self._keep_alive = keep_alive
+        self._framing = framing
+
+    async def _write_headers(self) -> None:
+        request = self._req
+        writer = self._payload_writer
+        assert request is not None and writer is not None
+        version = request.version
+        reason = self._reason_bytes or self.reason.encode("latin-1")
+        head = b"".join((
+            b"HTTP/%d.%d %d " % (version[0], version[1], self.status), reason, b"\r\n",
+            self._head_block, self._framing, b"\r\n",
+        ))
+        # Same hand-off as StreamWriter.write_headers(), minus re-serialising:
+        # the head is sent with the first body bytes (or at once, below).
+        writer._headers_buf = head  # type: ignore[attr-defined]
+        writer._headers_written = False  # type: ignore[attr-defined]
+        if self._send_headers_immediately:
+            writer.send_headers()  # type: ignore[attr-defined]

@@ -1,0 +1,185 @@
+"""The aiohttp edge: a low-level aiohttp server whose protocol adds what aiohttp
+lacks for a public listener — a request-header deadline (slowloris) answered with
+408, header-limit errors answered with 431/400 without echoing request bytes — and
+one worker's lifecycle (listen, serve, drain on SIGTERM)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+from typing import Any
+
+from aiohttp import http_parser, web
+from aiohttp.http_exceptions import LineTooLong
+from aiohttp.web_protocol import RequestHandler
+
+from proxy.app import Runtime, sweep_forever
+from proxy.config import parse_hostport
+from proxy.forward import Forwarder
+
+__all__ = ["BasculeServer", "c_parser_in_use", "listen_socket", "serve_worker"]
+
+log = logging.getLogger("bascule.server")
+
+_TIMEOUT_BODY = b"request header timeout\n"
+_TIMEOUT_408 = (b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\n"
+                b"Content-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s"
+                % (len(_TIMEOUT_BODY), _TIMEOUT_BODY))
+
+
+def c_parser_in_use() -> bool:
+    """aiohttp's pure-Python parser has had request-smuggling bugs; refuse it."""
+    return http_parser.HttpRequestParser.__module__ == "aiohttp._http_parser"
+
+
+class _EdgeProtocol(RequestHandler):
+    """aiohttp's request handler plus a deadline for receiving a request's head."""
+
+    header_timeout = 10.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._header_deadline: asyncio.TimerHandle | None = None
+        self.peer = ""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        # Looked up once per connection: aiohttp's request.remote asks the socket
+        # (a getpeername() syscall) on every request.
+        peername = transport.get_extra_info("peername")
+        self.peer = str(peername[0]) if isinstance(peername, (tuple, list)) else ""
+        self._arm_header_deadline()
+
+    def data_received(self, data: bytes) -> None:
+        if (self._header_deadline is None and not self._request_in_progress
+                and not self._messages and data):
+            self._arm_header_deadline()
+        super().data_received(data)
+        if self._header_deadline is not None and (self._messages or self._request_in_progress):
+            self._header_deadline.cancel()
+            self._header_deadline = None
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._header_deadline is not None:
+            self._header_deadline.cancel()
+            self._header_deadline = None
+        super().connection_lost(exc)
+
+    def _arm_header_deadline(self) -> None:
+        if self.header_timeout:
+            self._header_deadline = self._loop.call_later(
+                self.header_timeout, self._header_deadline_passed)
+
+    def _header_deadline_passed(self) -> None:
+        self._header_deadline = None
+        if self._request_in_progress or self._messages:
+            return
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(_TIMEOUT_408)
+        self.force_close()
+        if transport is not None:
+            transport.close()
+
+    def handle_error(
+        self, request: Any, status: int = 500, exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        # Never echo request bytes back (aiohttp's messages quote the bad line).
+        if isinstance(exc, LineTooLong):
+            status, text = 431, "request header fields too large"
+        elif exc is not None and "too many headers" in str(exc).lower():
+            status, text = 431, "too many request header fields"
+        elif status == 400:
+            text = "bad request"
+        elif status == 500:
+            text = "internal error"
+            log.error("error handling request", exc_info=exc)
+        else:
+            text = "error"
+        resp = web.Response(status=status, text=text + "\n", content_type="text/plain")
+        resp.force_close()
+        return resp
+
+
+class BasculeServer(web.Server):
+    def __init__(self, handler: Any, *, header_timeout: float, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self._header_timeout = header_timeout
+
+    def __call__(self) -> RequestHandler:
+        proto = _EdgeProtocol(self, loop=self._loop, **self._kwargs)
+        proto.header_timeout = self._header_timeout
+        return proto
+
+
+def listen_socket(address: str) -> socket.socket:
+    """A bound SO_REUSEPORT socket, so every worker process can listen on the port."""
+    host, port = parse_hostport(address, default_host="0.0.0.0")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+async def _admin_handler(state: dict[str, bool], request: web.BaseRequest) -> web.Response:
+    if request.path == "/healthz":
+        if state["draining"]:
+            return web.Response(status=503, text="draining\n")
+        return web.Response(text="ok\n")
+    return web.Response(status=404, text="not found\n")
+
+
+async def serve_worker(runtime: Runtime, worker_id: int) -> None:
+    """Serve until SIGTERM/SIGINT, then drain in-flight requests (graceful_timeout)."""
+    loop = asyncio.get_running_loop()
+    runtime.loop = loop
+    cfg = runtime.server
+    forwarder = Forwarder(runtime)
+    edge = BasculeServer(
+        forwarder.handle,
+        header_timeout=cfg.request_header_timeout,
+        handler_cancellation=False,
+        keepalive_timeout=cfg.keepalive_timeout,
+        max_line_size=cfg.max_header_size,
+        max_field_size=cfg.max_header_size,
+        max_headers=cfg.max_headers,
+        access_log=None,
+        auto_decompress=False,
+    )
+    servers: list[asyncio.Server] = []
+    for address in cfg.listen:
+        servers.append(await loop.create_server(edge, sock=listen_socket(address),
+                                                backlog=1024))
+    state = {"draining": False}
+    admin = web.Server(lambda r: _admin_handler(state, r), access_log=None)
+    admin_server = await loop.create_server(
+        admin, sock=listen_socket(runtime.config.admin.listen), backlog=128)
+    sweeper = asyncio.ensure_future(sweep_forever(lambda: forwarder.runtime))
+
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: log.warning(
+        "worker %d: SIGHUP received; live reload is not implemented yet", worker_id))
+    log.info("worker %d serving on %s", worker_id, ", ".join(cfg.listen))
+    await stop.wait()
+
+    log.info("worker %d draining (up to %.1fs)", worker_id, cfg.graceful_timeout)
+    state["draining"] = True
+    for server in servers:
+        server.close()
+    await edge.shutdown(cfg.graceful_timeout)
+    sweeper.cancel()
+    admin_server.close()
+    await admin.shutdown(1.0)
+    await forwarder.runtime.aclose()
+    log.info("worker %d stopped", worker_id)

@@ -1,0 +1,327 @@
+"""One keep-alive HTTP/1.1 connection to a backend, as an asyncio protocol.
+
+An exchange is: `begin()` (new llhttp parser, head written), optional body writes with
+`drain()`, `read_head()`, `read_chunk()` until b"", then the pool decides from
+`reusable` whether the connection goes back to the idle list. Response framing
+follows RFC 9112 §6.3: HEAD and 1xx/204/304 have no body; Content-Length or chunked
+delimit it; otherwise it runs to connection close (then the connection is not reused).
+All timeouts are a single loop timer re-armed per phase, not a task or context
+manager per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+import httptools
+
+from proxy.errors import UpstreamProtocolError, UpstreamTimeout
+
+__all__ = ["ResponseHead", "UpstreamConnection"]
+
+# Upstream body bytes buffered before we stop reading the socket (backpressure
+# from a slow client reaches the backend through TCP flow control).
+_HIGH_WATER = 256 * 1024
+_LOW_WATER = 64 * 1024
+
+
+class ResponseHead:
+    __slots__ = ("headers", "reason", "status")
+
+    def __init__(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]):
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+
+
+class UpstreamConnection(asyncio.Protocol):
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.idle_since = 0.0
+        self.in_exchange = False
+        self.received_any = False
+        self._parser: httptools.HttpResponseParser | None = None
+        self._is_head = False
+        self._interim = False
+        self._reason = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._head: ResponseHead | None = None
+        self._head_waiter: asyncio.Future[None] | None = None
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._body_waiter: asyncio.Future[None] | None = None
+        self._complete = False
+        self._keep_alive = False
+        self._close_delimited = False
+        self._error: BaseException | None = None
+        self._reading_paused = False
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._total_timer: asyncio.TimerHandle | None = None
+        self._request_sent = False
+
+    # -- asyncio.Protocol -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if not self.in_exchange or self._complete:
+            # Bytes from an idle connection (or after a complete response) cannot be
+            # framed: the connection is unusable.
+            self._fail(UpstreamProtocolError("unexpected data from backend"))
+            return
+        self.received_any = True
+        try:
+            self._parser.feed_data(data)  # type: ignore[union-attr]
+        except httptools.HttpParserUpgrade:
+            self._fail(UpstreamProtocolError("backend switched protocols unexpectedly"))
+        except httptools.HttpParserError as exc:
+            self._fail(UpstreamProtocolError(f"invalid HTTP from backend: {exc}"))
+
+    def eof_received(self) -> bool:
+        return False  # close our side too
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.closed = True
+        self._cancel_timer()
+        self._cancel_total()
+        if self.in_exchange and not self._complete and self._error is None:
+            if self._head is not None and self._close_delimited:
+                self._complete = True
+                self._keep_alive = False
+                self._wake_body()
+            else:
+                self._set_error(UpstreamProtocolError("backend closed the connection"))
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -- httptools callbacks ----------------------------------------------------------
+
+    def on_status(self, status: bytes) -> None:
+        self._reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        assert parser is not None
+        status = parser.get_status_code()
+        if 100 <= status < 200:
+            # Interim responses (100 Continue, 103 Early Hints) are consumed here.
+            self._interim = True
+            self._headers = []
+            self._reason = b""
+            return
+        self._head = ResponseHead(status, self._reason, self._headers)
+        self._keep_alive = parser.should_keep_alive()
+        if self._is_head or status in (204, 304):
+            self._complete = True
+        else:
+            self._close_delimited = not any(
+                name.lower() in (b"content-length", b"transfer-encoding")
+                for name, _ in self._headers
+            )
+            if self._close_delimited:
+                self._keep_alive = False
+        self._cancel_timer()
+        waiter = self._head_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def on_body(self, body: bytes) -> None:
+        if self._complete:
+            return  # a body after HEAD/204/304 is ignored, and the connection dropped
+        self._chunks.append(body)
+        self._buffered += len(body)
+        if self._buffered > _HIGH_WATER and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pause_reading()  # type: ignore[union-attr]
+        self._wake_body()
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
+        if self._complete:
+            # HEAD/204/304 completed at the head; llhttp agrees, nothing to do.
+            return
+        self._complete = True
+        self._keep_alive = self._keep_alive and self._parser.should_keep_alive()  # type: ignore[union-attr]
+        self._wake_body()
+
+    # -- the exchange API -------------------------------------------------------------
+
+    def begin(self, head: bytes, *, is_head: bool) -> None:
+        """Start one request/response exchange and write the request head."""
+        self.in_exchange = True
+        self.received_any = False
+        self._parser = httptools.HttpResponseParser(self)
+        self._is_head = is_head
+        self._interim = False
+        self._reason = b""
+        self._headers = []
+        self._head = None
+        self._chunks.clear()
+        self._buffered = 0
+        self._complete = False
+        self._keep_alive = False
+        self._close_delimited = False
+        self._error = None
+        self._request_sent = False
+        self.transport.write(head)  # type: ignore[union-attr]
+
+    def write(self, data: bytes) -> None:
+        if self._error is not None:
+            raise self._error
+        self.transport.write(data)  # type: ignore[union-attr]
+
+    async def drain(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._write_paused and not self.closed:
+            self._drain_waiter = self._loop.create_future()
+            await self._drain_waiter
+            self._drain_waiter = None
+            if self._error is not None:
+                raise self._error
+
+    def request_sent(self) -> None:
+        self._request_sent = True
+
+    @property
+    def head_received(self) -> bool:
+        return self._head is not None
+
+    async def read_head(self) -> ResponseHead:
+        if self._head is None and self._error is None:
+            self._head_waiter = self._loop.create_future()
+            try:
+                await self._head_waiter
+            finally:
+                self._head_waiter = None
+        if self._error is not None:
+            raise self._error
+        assert self._head is not None
+        return self._head
+
+    @property
+    def has_buffered_body(self) -> bool:
+        return bool(self._chunks)
+
+    def take_buffered_body(self) -> bytes | None:
+        """The whole body if it has already arrived (the common small-response case),
+        else None; lets the caller answer with one write instead of streaming."""
+        if not self._complete or self._error is not None:
+            return None
+        body = b"".join(self._chunks)
+        self._chunks.clear()
+        self._buffered = 0
+        return body
+
+    async def read_chunk(self) -> bytes:
+        """The next piece of the body; b"" once the body is complete."""
+        while not self._chunks:
+            if self._error is not None:
+                raise self._error
+            if self._complete:
+                return b""
+            self._body_waiter = self._loop.create_future()
+            try:
+                await self._body_waiter
+            finally:
+                self._body_waiter = None
+        chunk = self._chunks.popleft()
+        self._buffered -= len(chunk)
+        if self._reading_paused and self._buffered < _LOW_WATER:
+            self._reading_paused = False
+            self.transport.resume_reading()  # type: ignore[union-attr]
+        return chunk
+
+    def arm_timer(self, seconds: float | None, what: str) -> None:
+        self._cancel_timer()
+        if seconds:
+            self._timer = self._loop.call_later(seconds, self._on_timeout, what)
+
+    def arm_total(self, seconds: float) -> None:
+        self._total_timer = self._loop.call_later(seconds, self._on_timeout, "total")
+
+    def abort(self, exc: BaseException) -> None:
+        """Fail the exchange with `exc` (what read_head/read_chunk will raise)."""
+        self._fail(exc)
+
+    def finish(self) -> bool:
+        """End the exchange; True when the connection may be reused."""
+        self._cancel_timer()
+        self._cancel_total()
+        self.in_exchange = False
+        self._parser = None
+        return (
+            self._complete and self._keep_alive and self._request_sent
+            and self._error is None and not self.closed and not self._chunks
+        )
+
+    def close(self) -> None:
+        self._cancel_timer()
+        self._cancel_total()
+        self.in_exchange = False
+        if self.transport is not None and not self.closed:
+            self.transport.abort()
+        self.closed = True
+
+    # -- internals --------------------------------------------------------------------
+
+    def _on_timeout(self, what: str) -> None:
+        if what == "total":
+            self._total_timer = None
+        else:
+            self._timer = None
+        self._fail(UpstreamTimeout(f"{what} timeout"))
+
+    def _fail(self, exc: BaseException) -> None:
+        self._set_error(exc)
+        if self.transport is not None and not self.closed:
+            self.transport.abort()
+        self.closed = True
+
+    def _set_error(self, exc: BaseException) -> None:
+        if self._error is None:
+            self._error = exc
+        for waiter in (self._head_waiter, self._body_waiter, self._drain_waiter):
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
+    def _wake_body(self) -> None:
+        waiter = self._body_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _cancel_total(self) -> None:
+        if self._total_timer is not None:
+            self._total_timer.cancel()
+            self._total_timer = None
+
+    def __repr__(self) -> str:
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        state = "closed" if self.closed else ("busy" if self.in_exchange else "idle")
+        return f"UpstreamConnection({peer}, {state})"

@@ -1,0 +1,122 @@
+"""Process model: a supervisor forks `server.workers` worker processes, each with its
+own event loop and SO_REUSEPORT listener; a worker that dies unexpectedly is logged
+and restarted (with backoff when it keeps crashing). SIGTERM/SIGINT are passed on so
+every worker drains; the supervisor exits 0 once all have stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import os
+import signal
+import sys
+import time
+
+from proxy.app import build_runtime
+from proxy.config import Config
+from proxy.server import listen_socket, serve_worker
+
+__all__ = ["run_supervisor"]
+
+log = logging.getLogger("bascule.workers")
+
+
+def _worker_main(config: Config, file: str, worker_id: int) -> int:
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+    try:
+        runtime = build_runtime(config, file)
+        if config.server.uvloop:
+            import uvloop
+
+            loop_factory = uvloop.new_event_loop
+        else:
+            loop_factory = asyncio.new_event_loop
+        # The config and runtime live for the worker's lifetime: move them out of the
+        # collector's view, and collect young objects less often (request-scoped
+        # cycles are few; a full scan every 700 allocations showed in profiles).
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(50_000, 20, 20)
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(serve_worker(runtime, worker_id))
+        return 0
+    except Exception:
+        log.exception("worker %d failed", worker_id)
+        return 1
+
+
+def _spawn(config: Config, file: str, worker_id: int) -> int:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            code = _worker_main(config, file, worker_id)
+        finally:
+            logging.shutdown()
+            os._exit(code)
+    log.info("worker %d started (pid %d)", worker_id, pid)
+    return pid
+
+
+def run_supervisor(config: Config, file: str) -> int:
+    # Fail fast and clearly if a port is taken, before forking anything.
+    for address in [*config.server.listen, config.admin.listen]:
+        try:
+            listen_socket(address).close()
+        except OSError as exc:
+            log.error("cannot listen on %s: %s", address, exc.strerror or exc)
+            return 1
+
+    count = config.server.worker_count()
+    workers: dict[int, int] = {}  # pid -> worker id
+    stopping = False
+    crashes: dict[int, list[float]] = {}
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            stopping = True
+        for pid in list(workers):
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+
+    for worker_id in range(1, count + 1):
+        workers[_spawn(config, file, worker_id)] = worker_id
+    log.info("bascule serving on %s with %d worker(s)", ", ".join(config.server.listen), count)
+
+    exit_code = 0
+    while workers:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        worker_id = workers.pop(pid, 0)
+        if not worker_id:
+            continue
+        code = os.waitstatus_to_exitcode(status)
+        if stopping:
+            if code != 0:
+                log.warning("worker %d (pid %d) exited with %d while stopping",
+                            worker_id, pid, code)
+                exit_code = 1
+            continue
+        log.error("worker %d (pid %d) died unexpectedly (%s); restarting",
+                  worker_id, pid, f"signal {-code}" if code < 0 else f"exit {code}")
+        now = time.monotonic()
+        recent = [t for t in crashes.get(worker_id, []) if now - t < 10] + [now]
+        crashes[worker_id] = recent
+        if len(recent) > 3:
+            time.sleep(min(5.0, 0.5 * len(recent)))  # crash loop: back off
+        if not stopping:
+            workers[_spawn(config, file, worker_id)] = worker_id
+    log.info("bascule stopped")
+    return exit_code
