@@ -12,6 +12,7 @@ backend (nginx, static answers) and wrk share the other core. `auto` uses all co
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -69,10 +70,8 @@ class Bench:
 
     def stop_all(self) -> None:
         for proc in self.procs:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
         for proc in self.procs:
             try:
                 proc.wait(timeout=10)
@@ -221,7 +220,7 @@ backends = ["127.0.0.1:{backend}"]
         for rnd in range(args.rounds):
             for scenario, (path, body) in scenarios.items():
                 for name, port in targets.items():
-                    if args.targets and name not in args.targets.split(",") + ["nginx"]:
+                    if args.targets and name not in [*args.targets.split(","), "nginx"]:
                         continue
                     r = wrk(f"http://127.0.0.1:{port}", path, body, args.duration,
                             args.connections, work)
@@ -233,7 +232,7 @@ backends = ["127.0.0.1:{backend}"]
 
     print(f"\nmedians of {args.rounds} rounds, {args.duration}s each, "
           f"{args.connections} connections, {os.cpu_count()} cores\n")
-    print(f"| scenario | target | req/s | p50 ms | p99 ms | vs nginx |")
+    print("| scenario | target | req/s | p50 ms | p99 ms | vs nginx |")
     print("|---|---|---:|---:|---:|---:|")
     for scenario, by_target in results.items():
         nginx_rps = statistics.median(r[0] for r in by_target["nginx"])

@@ -94,7 +94,7 @@ def build_strategy(name: str, options: dict[str, Any], file: str, path: str) -> 
     except TypeError as exc:
         raise ConfigError([ConfigProblem(
             file, f"{path}.strategy", f"{name!r} is not a usable strategy: {exc}")]) from None
-    if not hasattr(strategy, "pick") or not hasattr(strategy, "update"):
+    if not isinstance(strategy, Strategy):
         raise ConfigError([ConfigProblem(
             file, f"{path}.strategy", f"{name!r} has no pick()/update() methods")])
     return strategy

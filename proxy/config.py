@@ -222,25 +222,39 @@ def _message(error: Any) -> str:
     return msg.removeprefix("Value error, ")
 
 
-def _cross_check(config: Config, file: str) -> list[ConfigProblem]:
+def _cross_check(data: dict[str, Any], file: str) -> list[ConfigProblem]:
+    """References between tables, checked on the raw document so they are reported
+    together with any schema problems (every mistake at once, not one per run)."""
     problems: list[ConfigProblem] = []
-    seen: dict[tuple[str | None, str], int] = {}
-    for i, route in enumerate(config.routes):
-        if route.upstream not in config.upstreams:
-            known = ", ".join(sorted(config.upstreams)) or "none"
+    routes = data.get("routes")
+    upstreams = data.get("upstreams")
+    upstream_names = set(upstreams) if isinstance(upstreams, dict) else set()
+    seen: dict[tuple[Any, Any], int] = {}
+    for i, route in enumerate(routes if isinstance(routes, list) else []):
+        if not isinstance(route, dict):
+            continue
+        name = route.get("upstream")
+        if isinstance(name, str) and name not in upstream_names:
+            known = ", ".join(sorted(upstream_names)) or "none"
             problems.append(ConfigProblem(
                 file, f"routes[{i}].upstream",
-                f"upstream {route.upstream!r} is not defined (defined: {known})"))
-        key = (route.host, route.path_prefix)
+                f"upstream {name!r} is not defined (defined: {known})"))
+        host = route.get("host")
+        key = (host.strip().lower() if isinstance(host, str) else host,
+               route.get("path_prefix", "/"))
         if key in seen:
             problems.append(ConfigProblem(
                 file, f"routes[{i}]",
                 f"duplicate route: same host and path_prefix as routes[{seen[key]}]"))
         else:
             seen[key] = i
-    for name, upstream in config.upstreams.items():
-        addresses = [b.address for b in upstream.backends]
-        for dup in sorted({a for a in addresses if addresses.count(a) > 1}):
+    for name, upstream in (upstreams.items() if isinstance(upstreams, dict) else []):
+        backends = upstream.get("backends") if isinstance(upstream, dict) else None
+        if not isinstance(backends, list):
+            continue
+        addresses = [b if isinstance(b, str) else b.get("address") if isinstance(b, dict)
+                     else None for b in backends]
+        for dup in sorted({a for a in addresses if a and addresses.count(a) > 1}):
             problems.append(ConfigProblem(
                 file, f"upstreams.{name}.backends", f"backend {dup!r} is listed twice"))
     return problems
@@ -248,6 +262,8 @@ def _cross_check(config: Config, file: str) -> list[ConfigProblem]:
 
 def parse_config(data: dict[str, Any], file: str) -> Config:
     """Validate a parsed TOML document; raise ConfigError listing every problem."""
+    problems: list[ConfigProblem] = []
+    config: Config | None = None
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
@@ -255,9 +271,8 @@ def parse_config(data: dict[str, Any], file: str) -> Config:
             ConfigProblem(file, _format_loc(err["loc"]), _message(err))
             for err in exc.errors()
         ]
-        raise ConfigError(problems) from None
-    problems = _cross_check(config, file)
-    if problems:
+    problems += _cross_check(data, file)
+    if problems or config is None:
         raise ConfigError(problems)
     return config
 

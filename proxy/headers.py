@@ -113,10 +113,7 @@ def build_request_head(
     else:
         lines = [line for _, line in kept]
     peer_b = peer.encode("ascii", "replace")
-    if trusted_peer and client_xff:
-        xff = client_xff + b", " + peer_b
-    else:
-        xff = peer_b
+    xff = client_xff + b", " + peer_b if trusted_peer and client_xff else peer_b
     if not trusted_peer or not client_proto:
         client_proto = proto
     if not trusted_peer or not client_xfh:

@@ -32,5 +32,6 @@ def load(group: str, name: str) -> Any:
     matches = [ep for ep in entry_points(group=group) if ep.name == name]
     if not matches:
         names = ", ".join(available(group)) or "none installed"
-        raise ValueError(f"unknown {group.rsplit('.', 1)[-1][:-1]} {name!r} (available: {names})")
+        kind = {"bascule.strategies": "strategy", "bascule.plugins": "plugin"}.get(group, "name")
+        raise ValueError(f"unknown {kind} {name!r} (available: {names})")
     return matches[0].load()

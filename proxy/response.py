@@ -79,4 +79,4 @@ class ProxiedResponse(web.StreamResponse):
         writer._headers_buf = head  # type: ignore[attr-defined]
         writer._headers_written = False  # type: ignore[attr-defined]
         if self._send_headers_immediately:
-            writer.send_headers()  # type: ignore[attr-defined]
+            writer.send_headers()

@@ -19,7 +19,7 @@ from proxy.app import Runtime, sweep_forever
 from proxy.config import parse_hostport
 from proxy.forward import Forwarder
 
-__all__ = ["BasculeServer", "c_parser_in_use", "listen_socket", "serve_worker"]
+__all__ = ["BasculeServer", "Edge", "c_parser_in_use", "listen_socket", "serve_worker"]
 
 log = logging.getLogger("bascule.server")
 
@@ -138,33 +138,70 @@ async def _admin_handler(state: dict[str, bool], request: web.BaseRequest) -> we
     return web.Response(status=404, text="not found\n")
 
 
+class Edge:
+    """The listeners of one worker: public edge, admin, and the idle-pool sweeper."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.forwarder = Forwarder(runtime)
+        self.state = {"draining": False}
+        cfg = runtime.server
+        self.server = BasculeServer(
+            self.forwarder.handle,
+            header_timeout=cfg.request_header_timeout,
+            handler_cancellation=True,
+            keepalive_timeout=cfg.keepalive_timeout,
+            max_line_size=cfg.max_header_size,
+            max_field_size=cfg.max_header_size,
+            max_headers=cfg.max_headers,
+            access_log=None,
+            auto_decompress=False,
+            # After an early answer (413, 408) read what is left of the body only
+            # briefly, so the client sees the response instead of a reset.
+            lingering_time=2.0,
+        )
+        self.admin = web.Server(lambda r: _admin_handler(self.state, r), access_log=None)
+        self.listeners: list[asyncio.Server] = []
+        self.admin_listener: asyncio.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def start(self, *, admin: bool = True) -> None:
+        loop = asyncio.get_running_loop()
+        self.runtime.loop = loop
+        for address in self.runtime.server.listen:
+            self.listeners.append(await loop.create_server(
+                self.server, sock=listen_socket(address), backlog=1024))
+        if admin:
+            self.admin_listener = await loop.create_server(
+                self.admin, sock=listen_socket(self.runtime.config.admin.listen), backlog=128)
+        self._sweeper = loop.create_task(sweep_forever(lambda: self.forwarder.runtime))
+
+    @property
+    def ports(self) -> list[int]:
+        return [int(s.sockets[0].getsockname()[1]) for s in self.listeners]
+
+    async def drain(self, timeout: float) -> None:
+        """Stop accepting, let in-flight requests finish (up to timeout), close."""
+        self.state["draining"] = True
+        for listener in self.listeners:
+            listener.close()
+        # Idle keep-alive connections close now; busy ones after their response.
+        self.server.pre_shutdown()
+        await self.server.shutdown(timeout)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if self.admin_listener is not None:
+            self.admin_listener.close()
+            await self.admin.shutdown(1.0)
+        await self.forwarder.runtime.aclose()
+
+
 async def serve_worker(runtime: Runtime, worker_id: int) -> None:
     """Serve until SIGTERM/SIGINT, then drain in-flight requests (graceful_timeout)."""
     loop = asyncio.get_running_loop()
-    runtime.loop = loop
     cfg = runtime.server
-    forwarder = Forwarder(runtime)
-    edge = BasculeServer(
-        forwarder.handle,
-        header_timeout=cfg.request_header_timeout,
-        handler_cancellation=False,
-        keepalive_timeout=cfg.keepalive_timeout,
-        max_line_size=cfg.max_header_size,
-        max_field_size=cfg.max_header_size,
-        max_headers=cfg.max_headers,
-        access_log=None,
-        auto_decompress=False,
-    )
-    servers: list[asyncio.Server] = []
-    for address in cfg.listen:
-        servers.append(await loop.create_server(edge, sock=listen_socket(address),
-                                                backlog=1024))
-    state = {"draining": False}
-    admin = web.Server(lambda r: _admin_handler(state, r), access_log=None)
-    admin_server = await loop.create_server(
-        admin, sock=listen_socket(runtime.config.admin.listen), backlog=128)
-    sweeper = asyncio.ensure_future(sweep_forever(lambda: forwarder.runtime))
-
+    edge = Edge(runtime)
+    await edge.start()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -172,14 +209,6 @@ async def serve_worker(runtime: Runtime, worker_id: int) -> None:
         "worker %d: SIGHUP received; live reload is not implemented yet", worker_id))
     log.info("worker %d serving on %s", worker_id, ", ".join(cfg.listen))
     await stop.wait()
-
     log.info("worker %d draining (up to %.1fs)", worker_id, cfg.graceful_timeout)
-    state["draining"] = True
-    for server in servers:
-        server.close()
-    await edge.shutdown(cfg.graceful_timeout)
-    sweeper.cancel()
-    admin_server.close()
-    await admin.shutdown(1.0)
-    await forwarder.runtime.aclose()
+    await edge.drain(cfg.graceful_timeout)
     log.info("worker %d stopped", worker_id)

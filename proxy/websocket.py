@@ -36,7 +36,8 @@ def _session(runtime: Runtime) -> aiohttp.ClientSession:
         runtime.ws_session = aiohttp.ClientSession(
             cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False, trust_env=False,
         )
-    return runtime.ws_session
+    session: aiohttp.ClientSession = runtime.ws_session
+    return session
 
 
 async def tunnel_websocket(
@@ -83,7 +84,7 @@ async def tunnel_websocket(
             protocols=[backend_ws.protocol] if backend_ws.protocol else (),
             autoclose=False, autoping=False, max_msg_size=0,
         )
-        await client_ws.prepare(request)  # type: ignore[arg-type]
+        await client_ws.prepare(request)
         await _relay(client_ws, backend_ws)
         return client_ws
     finally:

@@ -6,12 +6,14 @@ every worker drains; the supervisor exits 0 once all have stopped."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 
 from proxy.app import build_runtime
 from proxy.config import Config
@@ -27,12 +29,11 @@ def _worker_main(config: Config, file: str, worker_id: int) -> int:
         signal.signal(sig, signal.SIG_DFL)
     try:
         runtime = build_runtime(config, file)
+        loop_factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop
         if config.server.uvloop:
             import uvloop
 
             loop_factory = uvloop.new_event_loop
-        else:
-            loop_factory = asyncio.new_event_loop
         # The config and runtime live for the worker's lifetime: move them out of the
         # collector's view, and collect young objects less often (request-scoped
         # cycles are few; a full scan every 700 allocations showed in profiles).
@@ -81,10 +82,8 @@ def run_supervisor(config: Config, file: str) -> int:
         if signum in (signal.SIGTERM, signal.SIGINT):
             stopping = True
         for pid in list(workers):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
-            except ProcessLookupError:
-                pass
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)

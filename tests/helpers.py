@@ -1,0 +1,119 @@
+"""Test helpers: real servers on 127.0.0.1, an in-process Bascule edge, raw sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from proxy.app import build_runtime
+from proxy.config import parse_config
+from proxy.server import Edge
+
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def start_backend(handler: Handler, port: int | None = None) -> tuple[web.Server, Any]:
+    """A real aiohttp backend; returns (server, asyncio.Server)."""
+    server = web.Server(handler, access_log=None)
+    listener = await asyncio.get_running_loop().create_server(
+        server, "127.0.0.1", port or 0)
+    return server, listener
+
+
+def port_of(listener: Any) -> int:
+    return int(listener.sockets[0].getsockname()[1])
+
+
+def proxy_config(upstreams: dict[str, list[str]] | None = None, *, routes: str = "",
+                 server: str = "", upstream_extra: str = "") -> str:
+    """A config TOML with one public listener and admin on free ports."""
+    lines = [f'[server]\nlisten = ["127.0.0.1:{free_port()}"]\n{server}',
+             f'[admin]\nlisten = "127.0.0.1:{free_port()}"']
+    lines.append(routes or '[[routes]]\nupstream = "app"')
+    for name, backends in (upstreams or {}).items():
+        quoted = ", ".join(f'"{b}"' for b in backends)
+        lines.append(f"[upstreams.{name}]\nbackends = [{quoted}]\n{upstream_extra}")
+    return "\n\n".join(lines) + "\n"
+
+
+async def start_proxy(toml_text: str) -> Edge:
+    config = parse_config(tomllib.loads(toml_text), "<test>")
+    edge = Edge(build_runtime(config, "<test>"))
+    await edge.start(admin=False)
+    return edge
+
+
+def edge_url(edge: Edge) -> str:
+    return f"http://127.0.0.1:{edge.ports[0]}"
+
+
+async def raw_request(port: int, data: bytes, *, read_timeout: float = 5.0) -> bytes:
+    """Send raw bytes and read until the server closes or read_timeout passes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    await writer.drain()
+    chunks = []
+    try:
+        async with asyncio.timeout(read_timeout):
+            while chunk := await reader.read(65536):
+                chunks.append(chunk)
+    except TimeoutError:
+        pass
+    finally:
+        writer.close()
+    return b"".join(chunks)
+
+
+def wait_port(port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+def run_bascule(config_path: Path, **kw: Any) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "proxy", "run", "-c", str(config_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, **kw)
+
+
+def children_of(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+def poll(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
