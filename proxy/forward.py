@@ -24,7 +24,7 @@ from proxy.errors import (
     UpstreamProtocolError,
     UpstreamTimeout,
 )
-from proxy.headers import build_request_head, is_trusted, response_head_block
+from proxy.headers import build_request_head, is_trusted
 from proxy.models import Backend
 from proxy.response import ProxiedResponse
 from proxy.routing import Route, normalise_host, strip_path_prefix
@@ -102,8 +102,12 @@ class Forwarder:
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         runtime = self.runtime
-        target = request.raw_path
-        host_header = request.headers.get("Host", "")
+        # The parsed message (aiohttp's RawRequestMessage) is read directly: the
+        # request's convenience properties re-derive the same values per access.
+        message = request._message
+        target = message.path
+        headers = message.headers
+        host_header = headers.get("Host", "")
         if not target.startswith("/"):
             if target == "*":
                 path_for_match = "/"
@@ -125,14 +129,16 @@ class Forwarder:
             return error_response(NoRouteError.status, NoRouteError.public_message)
         upstream = runtime.upstreams[route.upstream]
 
-        if (route.websocket and request.headers.get("Upgrade", "").lower() == "websocket"):
+        if (message.upgrade and route.websocket
+                and headers.get("Upgrade", "").lower() == "websocket"):
             from proxy.websocket import tunnel_websocket
 
             return await tunnel_websocket(request, route, upstream, runtime)
 
         server = runtime.server
-        length = request.content_length
-        chunked = "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+        length_text = headers.get("Content-Length")
+        length = int(length_text) if length_text is not None else None
+        chunked = message.chunked
         max_body = server.max_body_size
         if length is not None and max_body and length > max_body:
             return error_response(413, BodyTooLarge.public_message, close=True)
@@ -140,7 +146,7 @@ class Forwarder:
         if chunked:
             framing = b"Transfer-Encoding: chunked\r\n"
             has_body = True
-        elif length is not None and (length > 0 or request.method not in ("GET", "HEAD")):
+        elif length is not None and (length > 0 or message.method not in ("GET", "HEAD")):
             framing = b"Content-Length: %d\r\n" % length
             has_body = length > 0
         else:
@@ -151,14 +157,14 @@ class Forwarder:
             target = strip_path_prefix(target, route.path_prefix)
         peer = request.protocol.peer  # type: ignore[attr-defined]
         head_rest, client_host, head_size = build_request_head(
-            request.raw_headers,
+            message.raw_headers,
             peer=peer,
             trusted_peer=is_trusted(peer, runtime.trusted),
             framing=framing,
         )
         if head_size > server.max_header_size:
             return error_response(431, "request header fields too large", close=True)
-        request_line = (request.method.encode("ascii") + b" "
+        request_line = (message.method.encode("ascii") + b" "
                         + target.encode("utf-8", "surrogateescape") + b" HTTP/1.1\r\n")
         exchange = _Exchange(request, route, upstream, runtime, request_line, head_rest,
                              client_host, has_body, chunked)
@@ -331,7 +337,8 @@ class _Exchange:
         conn = self.conn
         assert conn is not None
         request = self.request
-        block, length, has_date = response_head_block(head.headers)
+        fields = head.fields
+        block, length, has_date = fields.block(), fields.body_length, fields.has_date
         body = conn.take_buffered_body()
         no_body = request.method == "HEAD" or head.status in _NO_BODY_STATUS
         if length is None and body is not None and not no_body:

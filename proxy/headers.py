@@ -21,6 +21,7 @@ __all__ = [
     "build_request_head",
     "connection_tokens",
     "is_trusted",
+    "ResponseHeaderFilter",
     "response_head_block",
 ]
 
@@ -129,39 +130,68 @@ def build_request_head(
     return b"".join(lines), host, size
 
 
+class ResponseHeaderFilter:
+    """Filters a backend's response header fields one at a time, as the parser
+    delivers them, so the response head needs no second pass: keeps end-to-end
+    fields as ready-to-send lines, and notes framing, Date and Via."""
+
+    __slots__ = ("chunked", "has_date", "kept", "length", "nominated", "via")
+
+    def __init__(self) -> None:
+        self.kept: list[tuple[bytes, bytes]] = []
+        self.nominated: set[bytes] | None = None
+        self.via = b""
+        self.length: int | None = None
+        self.chunked = False
+        self.has_date = False
+
+    def add(self, name: bytes, value: bytes) -> None:
+        lname = name.lower()
+        if lname not in _DROP_RESPONSE:
+            self.kept.append((lname, name + b": " + value + b"\r\n"))
+            if lname == b"date":
+                self.has_date = True
+        elif lname == b"content-length":
+            if value.strip().isdigit():
+                self.length = int(value)
+        elif lname == b"transfer-encoding":
+            self.chunked = True
+        elif lname == b"connection":
+            if self.nominated is None:
+                self.nominated = set()
+            self.nominated.update(t.strip().lower() for t in value.split(b","))
+        elif lname == b"via":
+            self.via = self.via + b", " + value if self.via else value
+
+    @property
+    def delimited(self) -> bool:
+        """True when the body is framed by Content-Length or chunked coding."""
+        return self.chunked or self.length is not None
+
+    @property
+    def body_length(self) -> int | None:
+        # RFC 9112 §6.3: Transfer-Encoding overrides Content-Length.
+        return None if self.chunked else self.length
+
+    def block(self) -> bytes:
+        """The client-bound header lines, Via appended."""
+        nominated = self.nominated
+        via = self.via
+        if nominated:
+            lines = [line for lname, line in self.kept if lname not in nominated]
+            if b"via" in nominated:
+                via = b""
+        else:
+            lines = [line for _, line in self.kept]
+        lines.append(b"Via: " + (via + b", " + _VIA if via else _VIA) + b"\r\n")
+        return b"".join(lines)
+
+
 def response_head_block(raw: Sequence[tuple[bytes, bytes]]) -> tuple[bytes, int | None, bool]:
     """Client-bound header lines (hop-by-hop and framing removed, Via appended),
     the backend's Content-Length if the body is length-delimited, and whether the
     backend sent a Date. Framing is re-applied by the writer, never copied blindly."""
-    kept: list[tuple[bytes, bytes]] = []
-    nominated: set[bytes] | None = None
-    via = b""
-    length: int | None = None
-    chunked = False
-    has_date = False
+    fields = ResponseHeaderFilter()
     for name, value in raw:
-        lname = name.lower()
-        if lname not in _DROP_RESPONSE:
-            kept.append((lname, name + b": " + value + b"\r\n"))
-            if lname == b"date":
-                has_date = True
-        elif lname == b"content-length":
-            if value.strip().isdigit():
-                length = int(value)
-        elif lname == b"transfer-encoding":
-            chunked = True
-        elif lname == b"connection":
-            if nominated is None:
-                nominated = set()
-            nominated.update(t.strip().lower() for t in value.split(b","))
-        elif lname == b"via":
-            via = via + b", " + value if via else value
-    if nominated:
-        lines = [line for lname, line in kept if lname not in nominated]
-        if b"via" in nominated:
-            via = b""
-    else:
-        lines = [line for _, line in kept]
-    lines.append(b"Via: " + (via + b", " + _VIA if via else _VIA) + b"\r\n")
-    # RFC 9112 §6.3: Transfer-Encoding overrides Content-Length.
-    return b"".join(lines), None if chunked else length, has_date
+        fields.add(name, value)
+    return fields.block(), fields.body_length, fields.has_date

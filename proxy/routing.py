@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 __all__ = ["Route", "RouteTable", "normalise_host", "strip_path_prefix"]
 
@@ -25,6 +26,7 @@ class Route:
     websocket: bool = True
 
 
+@lru_cache(maxsize=1024)
 def normalise_host(host: str | None) -> str:
     """Lower-case host without port or trailing dot ("Api.Example.com:8080" →
     "api.example.com"; "[::1]:80" → "[::1]")."""

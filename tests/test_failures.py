@@ -200,3 +200,54 @@ async def test_error_responses_never_echo_request_bytes() -> None:
         assert raw.endswith(b"bad request\n")
     finally:
         await edge.drain(1.0)
+
+
+async def raw_backend(response: bytes) -> asyncio.Server:
+    """A backend that reads one request head and answers with fixed bytes."""
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(response)
+        await writer.drain()
+        writer.close()
+
+    return await asyncio.start_server(serve, "127.0.0.1", 0)
+
+
+async def test_interim_responses_are_consumed(client: aiohttp.ClientSession) -> None:
+    backend = await raw_backend(
+        b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Final: yes\r\n\r\nfinal")
+    edge = await start_proxy(proxy_config({"app": [f"127.0.0.1:{port_of(backend)}"]}))
+    try:
+        async with client.get(edge_url(edge) + "/") as resp:
+            assert resp.status == 200 and await resp.text() == "final"
+            assert resp.headers["X-Final"] == "yes" and "Link" not in resp.headers
+    finally:
+        await edge.drain(1.0)
+        backend.close()
+
+
+async def test_close_delimited_response_is_forwarded_whole(
+        client: aiohttp.ClientSession) -> None:
+    body = b"no length, ends at close " * 1000
+    backend = await raw_backend(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                                b"Connection: close\r\n\r\n" + body)
+    edge = await start_proxy(proxy_config({"app": [f"127.0.0.1:{port_of(backend)}"]}))
+    try:
+        async with client.get(edge_url(edge) + "/") as resp:
+            assert await resp.read() == body
+    finally:
+        await edge.drain(1.0)
+        backend.close()
+
+
+async def test_garbage_from_backend_is_502(client: aiohttp.ClientSession) -> None:
+    backend = await raw_backend(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
+    edge = await start_proxy(proxy_config({"app": [f"127.0.0.1:{port_of(backend)}"]}))
+    try:
+        async with client.get(edge_url(edge) + "/") as resp:
+            assert resp.status == 502
+            assert await resp.text() == "bad response from backend\n"
+    finally:
+        await edge.drain(1.0)
+        backend.close()

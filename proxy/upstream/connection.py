@@ -17,6 +17,7 @@ from collections import deque
 import httptools
 
 from proxy.errors import UpstreamProtocolError, UpstreamTimeout
+from proxy.headers import ResponseHeaderFilter
 
 __all__ = ["ResponseHead", "UpstreamConnection"]
 
@@ -27,12 +28,12 @@ _LOW_WATER = 64 * 1024
 
 
 class ResponseHead:
-    __slots__ = ("headers", "reason", "status")
+    __slots__ = ("fields", "reason", "status")
 
-    def __init__(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]):
+    def __init__(self, status: int, reason: bytes, fields: ResponseHeaderFilter):
         self.status = status
         self.reason = reason
-        self.headers = headers
+        self.fields = fields
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -47,7 +48,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._is_head = False
         self._interim = False
         self._reason = b""
-        self._headers: list[tuple[bytes, bytes]] = []
+        self._fields = ResponseHeaderFilter()
         self._head: ResponseHead | None = None
         self._head_waiter: asyncio.Future[None] | None = None
         self._chunks: deque[bytes] = deque()
@@ -115,8 +116,8 @@ class UpstreamConnection(asyncio.Protocol):
     def on_status(self, status: bytes) -> None:
         self._reason += status
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
+    # on_header is bound per exchange to the ResponseHeaderFilter's add() (see
+    # _new_fields), so each header costs one call and no second pass.
 
     def on_headers_complete(self) -> None:
         parser = self._parser
@@ -125,18 +126,16 @@ class UpstreamConnection(asyncio.Protocol):
         if 100 <= status < 200:
             # Interim responses (100 Continue, 103 Early Hints) are consumed here.
             self._interim = True
-            self._headers = []
+            self._fields.__init__()  # type: ignore[misc]  # same object: the parser holds its add()
             self._reason = b""
             return
-        self._head = ResponseHead(status, self._reason, self._headers)
+        fields = self._fields
+        self._head = ResponseHead(status, self._reason, fields)
         self._keep_alive = parser.should_keep_alive()
         if self._is_head or status in (204, 304):
             self._complete = True
         else:
-            self._close_delimited = not any(
-                name.lower() in (b"content-length", b"transfer-encoding")
-                for name, _ in self._headers
-            )
+            self._close_delimited = not fields.delimited
             if self._close_delimited:
                 self._keep_alive = False
         self._cancel_timer()
@@ -171,11 +170,11 @@ class UpstreamConnection(asyncio.Protocol):
         """Start one request/response exchange and write the request head."""
         self.in_exchange = True
         self.received_any = False
+        self._new_fields()
         self._parser = httptools.HttpResponseParser(self)
         self._is_head = is_head
         self._interim = False
         self._reason = b""
-        self._headers = []
         self._head = None
         self._chunks.clear()
         self._buffered = 0
@@ -285,6 +284,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = True
 
     # -- internals --------------------------------------------------------------------
+
+    def _new_fields(self) -> None:
+        # httptools looks on_header up once, when the parser is made.
+        fields = self._fields = ResponseHeaderFilter()
+        self.on_header = fields.add
 
     def _on_timeout(self, what: str) -> None:
         if what == "total":
