@@ -18,10 +18,10 @@ from functools import lru_cache
 __all__ = [
     "HOP_BY_HOP",
     "IPNetwork",
+    "ResponseHeaderFilter",
     "build_request_head",
     "connection_tokens",
     "is_trusted",
-    "ResponseHeaderFilter",
     "response_head_block",
 ]
 
