@@ -168,8 +168,10 @@ def main() -> int:
 upstream be {{ server 127.0.0.1:{backend}; keepalive 64; }}
 server {{ listen 127.0.0.1:{port};
   location / {{ proxy_pass http://be; proxy_http_version 1.1;
-    proxy_set_header Connection ""; proxy_buffering on; client_max_body_size 10m;
-    proxy_request_buffering off; }} }}""", cpu=0)
+    proxy_set_header Connection ""; client_max_body_size 10m;
+    # streaming both ways in memory, as Bascule does: no temp files on disk
+    proxy_buffering on; proxy_buffer_size 64k; proxy_buffers 8 64k;
+    proxy_max_temp_file_size 0; proxy_request_buffering off; }} }}""", cpu=0)
         targets["nginx"] = port
 
         if shutil.which("haproxy"):

@@ -251,3 +251,27 @@ async def test_garbage_from_backend_is_502(client: aiohttp.ClientSession) -> Non
     finally:
         await edge.drain(1.0)
         backend.close()
+
+
+async def test_bytes_beyond_content_length_are_not_forwarded(
+        client: aiohttp.ClientSession) -> None:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.05)  # the body arrives in a packet of its own
+        writer.write(b"helloEXTRA-BYTES")
+        await writer.drain()
+        await asyncio.sleep(0.5)
+        writer.close()
+
+    backend = await asyncio.start_server(serve, "127.0.0.1", 0)
+    edge = await start_proxy(proxy_config({"app": [f"127.0.0.1:{port_of(backend)}"]}))
+    try:
+        async with client.get(edge_url(edge) + "/") as resp:
+            assert await resp.read() == b"hello"
+        pool = next(iter(edge.runtime.upstreams["app"].pools.values()))
+        assert pool.idle_count == 0
+    finally:
+        await edge.drain(1.0)
+        backend.close()

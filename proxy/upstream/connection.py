@@ -53,6 +53,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_waiter: asyncio.Future[None] | None = None
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
+        self._body_seen = 0
+        self._raw_length = -1  # Content-Length of the body being received, once known
+        self._raw_left = 0  # body bytes still expected once the parser is bypassed
         self._body_waiter: asyncio.Future[None] | None = None
         self._complete = False
         self._keep_alive = False
@@ -77,12 +80,34 @@ class UpstreamConnection(asyncio.Protocol):
             self._fail(UpstreamProtocolError("unexpected data from backend"))
             return
         self.received_any = True
+        raw_left = self._raw_left
+        if raw_left > 0:
+            # Content-Length body past the first packet: the bytes are the body, so
+            # they skip the parser and are passed on without another copy.
+            size = len(data)
+            if size > raw_left:
+                # More than Content-Length: the body is what was announced (as nginx
+                # does); the excess cannot be framed, so the connection is not reused.
+                data = data[:raw_left]
+                size = raw_left
+                self._keep_alive = False
+            self._raw_left = raw_left - size
+            self.on_body(data)
+            if self._raw_left == 0:
+                self._complete = True
+                self._wake_body()
+            return
         try:
             self._parser.feed_data(data)  # type: ignore[union-attr]
         except httptools.HttpParserUpgrade:
             self._fail(UpstreamProtocolError("backend switched protocols unexpectedly"))
+            return
         except httptools.HttpParserError as exc:
             self._fail(UpstreamProtocolError(f"invalid HTTP from backend: {exc}"))
+            return
+        if self._raw_length >= 0 and not self._complete:
+            self._raw_left = self._raw_length - self._body_seen
+            self._raw_length = -1
 
     def eof_received(self) -> bool:
         return False  # close our side too
@@ -138,6 +163,8 @@ class UpstreamConnection(asyncio.Protocol):
             self._close_delimited = not fields.delimited
             if self._close_delimited:
                 self._keep_alive = False
+            elif fields.body_length is not None:
+                self._raw_length = fields.body_length
         self._cancel_timer()
         waiter = self._head_waiter
         if waiter is not None and not waiter.done():
@@ -147,6 +174,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self._complete:
             return  # a body after HEAD/204/304 is ignored, and the connection dropped
         self._chunks.append(body)
+        self._body_seen += len(body)
         self._buffered += len(body)
         if self._buffered > _HIGH_WATER and not self._reading_paused:
             self._reading_paused = True
@@ -178,6 +206,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._head = None
         self._chunks.clear()
         self._buffered = 0
+        self._body_seen = 0
+        self._raw_length = -1
+        self._raw_left = 0
         self._complete = False
         self._keep_alive = False
         self._close_delimited = False
