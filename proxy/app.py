@@ -11,6 +11,7 @@ from typing import Any
 from proxy.balancer import Balancer
 from proxy.config import Config, ServerConfig, TimeoutsConfig, UpstreamConfig
 from proxy.errors import ConfigError, ConfigProblem
+from proxy.hashkey import HashKeySource
 from proxy.headers import IPNetwork
 from proxy.loader import STRATEGY_GROUP, load
 from proxy.models import Backend, BackendSet
@@ -31,6 +32,8 @@ class Upstream:
         self.timeouts: TimeoutsConfig = config.timeouts
         self.max_attempts = config.max_attempts
         self.pools: dict[str, BackendPool] = {}
+        # A strategy that hashes requests names its key source (`hash_on`).
+        self.hash_on: HashKeySource | None = getattr(balancer.strategy, "hash_on", None)
 
     def pool_for(self, backend: Backend) -> BackendPool:
         pool = self.pools.get(backend.id)

@@ -17,6 +17,7 @@ class Balancer:
         self.strategy = strategy
         self.backends: tuple[Backend, ...] = ()
         self.version = 0
+        self.inflight = 0
         self._observer = strategy if isinstance(strategy, ObservingStrategy) else None
 
     def update(self, backend_set: BackendSet) -> None:
@@ -31,12 +32,15 @@ class Balancer:
         self.version = backend_set.version
 
     def lease(self, ctx: RequestContext) -> Backend:
+        ctx.upstream_inflight = self.inflight
         backend = self.strategy.pick(ctx)
         backend.inflight += 1
+        self.inflight += 1
         return backend
 
     def release(self, backend: Backend, latency_s: float = 0.0, ok: bool = True) -> None:
         backend.inflight -= 1
+        self.inflight -= 1
         if self._observer is not None:
             self._observer.observe(backend, latency_s, ok)
 

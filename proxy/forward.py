@@ -166,8 +166,10 @@ class Forwarder:
             return error_response(431, "request header fields too large", close=True)
         request_line = (message.method.encode("ascii") + b" "
                         + target.encode("utf-8", "surrogateescape") + b" HTTP/1.1\r\n")
+        hash_on = upstream.hash_on
+        hash_key = hash_on.extract(headers, message.path, peer) if hash_on else None
         exchange = _Exchange(request, route, upstream, runtime, request_line, head_rest,
-                             client_host, has_body, chunked)
+                             client_host, has_body, chunked, hash_key)
         try:
             return await exchange.run()
         except BasculeError as exc:
@@ -178,14 +180,16 @@ class Forwarder:
 class _Exchange:
     """State of one proxied request across its attempts."""
 
-    __slots__ = ("backend", "chunked", "client_host", "conn", "has_body", "head_rest",
-                 "pool", "request", "request_line", "route", "runtime", "upstream")
+    __slots__ = ("backend", "chunked", "client_host", "conn", "has_body", "hash_key",
+                 "head_rest", "pool", "request", "request_line", "route", "runtime",
+                 "upstream")
 
     def __init__(
         self, request: web.BaseRequest, route: Route, upstream: Upstream, runtime: Runtime,
         request_line: bytes, head_rest: bytes, client_host: bytes, has_body: bool,
-        chunked: bool,
+        chunked: bool, hash_key: str | None,
     ) -> None:
+        self.hash_key = hash_key
         self.request = request
         self.route = route
         self.upstream = upstream
@@ -217,7 +221,7 @@ class _Exchange:
     async def _connect_and_send(self) -> ResponseHead:
         upstream = self.upstream
         balancer = upstream.balancer
-        ctx = RequestContext()
+        ctx = RequestContext(self.hash_key)
         last_error: BasculeError = NoBackendError("no backend")
         stale_retry_left = True
         attempts = 0

@@ -18,14 +18,18 @@ __all__ = ["ObservingStrategy", "RequestContext", "Strategy", "StrategyFactory"]
 
 class RequestContext:
     """What a strategy may know about a request: the hash key (computed once per
-    request from the upstream's `hash_on`, or None) and the ids of backends already
-    tried by earlier attempts, which `pick()` must avoid when it can."""
+    request from the strategy's `hash_on`, or None), the ids of backends already
+    tried by earlier attempts, which `pick()` must avoid when it can, and the
+    upstream's total in-flight count."""
 
-    __slots__ = ("exclude", "hash_key")
+    __slots__ = ("exclude", "hash_key", "upstream_inflight")
 
     def __init__(self, hash_key: str | None = None, exclude: frozenset[str] = frozenset()):
         self.hash_key = hash_key
         self.exclude = exclude
+        # requests in flight on the whole upstream, set by the balancer before pick()
+        # (bounded-load hashing needs the mean without scanning every backend)
+        self.upstream_inflight = 0
 
 
 @runtime_checkable
