@@ -33,9 +33,9 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import heapq
 import math
 import struct
-import random as _random
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -66,30 +66,37 @@ def _is_prime(n: int) -> bool:
     return all(n % d for d in range(2, math.isqrt(n) + 1))
 
 
-def ring_points(backend_id: str, count: int) -> tuple[int, ...]:
-    """The ring positions of one backend: `count` 64-bit values read from
+def ring_points(backend_id: str, count: int) -> list[int]:
+    """The ring positions of one backend, sorted: `count` 64-bit values read from
     SHAKE-128 of its identity (one stable XOF call, like ketama's one MD5 per four
     points), identical in every process and on every machine."""
     digest = hashlib.shake_128(backend_id.encode()).digest(8 * count)
-    return struct.unpack(f"<{count}Q", digest)
+    return sorted(struct.unpack(f"<{count}Q", digest))
 
 
 def build_ring(backends: Sequence[Backend], vnodes: int,
-               cache: dict[tuple[str, int], tuple[int, ...]]) -> tuple[list[int], list[Backend]]:
-    """Sorted positions and their owners. `cache` holds points per (id, weight) and is
-    updated in place, so only new or reweighted backends are hashed again."""
+               cache: dict[tuple[str, int], list[int]], *,
+               interleave: bool = False) -> tuple[list[int], list[Backend]]:
+    """Sorted positions and their owners. `cache` holds each backend's sorted points
+    per (id, weight) and is updated in place, so only new or reweighted backends are
+    hashed again. Position and owner index are packed in one int (sorting ints is
+    several times faster than tuples). With `interleave`, the per-backend lists are
+    merged by heapq.merge, whose Python-level steps let the GIL pass to the event
+    loop, instead of one long C-level sort that would hold it throughout."""
     shift = max(1, len(backends).bit_length())
     mask = (1 << shift) - 1
-    encoded: list[int] = []
+    runs: list[list[int]] = []
     for index, backend in enumerate(backends):
         key = (backend.id, backend.weight)
         points = cache.get(key)
         if points is None:
             points = cache[key] = ring_points(backend.id, vnodes * backend.weight)
-        # position and owner packed in one int: sorting ints is several times
-        # faster than sorting tuples
-        encoded.extend([(p << shift) | index for p in points])
-    encoded.sort()
+        runs.append([(p << shift) | index for p in points])
+    if interleave:
+        encoded = list(heapq.merge(*runs))
+    else:
+        encoded = [e for run in runs for e in run]
+        encoded.sort()
     return [e >> shift for e in encoded], [backends[e & mask] for e in encoded]
 
 
@@ -153,7 +160,7 @@ class ConsistentHash:
         # ring: sorted positions and the backend owning each; maglev: table of indexes
         self._positions: list[int] = []
         self._owners: list[Backend] = []
-        self._point_cache: dict[tuple[str, int], tuple[int, ...]] = {}
+        self._point_cache: dict[tuple[str, int], list[int]] = {}
         self._table: list[Backend] = []
         self._build_generation = 0
         self._lock = threading.Lock()
@@ -179,7 +186,7 @@ class ConsistentHash:
             self._install(self._build(snapshot), generation)
             return
         self._builder = threading.Thread(
-            target=lambda: self._install(self._build(snapshot), generation),
+            target=lambda: self._install(self._build(snapshot, background=True), generation),
             name="bascule-hash-build", daemon=True)
         self._builder.start()
 
@@ -188,9 +195,10 @@ class ConsistentHash:
         if self._builder is not None:
             self._builder.join(timeout)
 
-    def _build(self, backends: list[Backend]) -> Any:
+    def _build(self, backends: list[Backend], *, background: bool = False) -> Any:
         if self.algorithm == "ring":
-            return build_ring(backends, self.vnodes, self._point_cache)
+            return build_ring(backends, self.vnodes, self._point_cache,
+                              interleave=background)
         table = build_maglev_table([b.id for b in backends], [b.weight for b in backends],
                                    self.table_size)
         return [backends[i] for i in table]
@@ -202,8 +210,9 @@ class ConsistentHash:
             if self.algorithm == "ring":
                 self._positions, self._owners = built
                 live = {(b.id, b.weight) for b in self._backends}
-                for key in [k for k in self._point_cache if k not in live]:
-                    del self._point_cache[key]
+                # list() copies in one C call, safe while a builder thread inserts
+                self._point_cache = {k: v for k, v in list(self._point_cache.items())
+                                     if k in live}
             else:
                 self._table = built
 

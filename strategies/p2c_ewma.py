@@ -69,14 +69,15 @@ class P2CEwma:
     def pick(self, ctx: RequestContext) -> Backend:
         backends = self._backends
         count = len(backends)
-        if count:
+        if count > 1:
             rng = self._rng.random
-            a = backends[int(rng() * count)]
-            b = backends[int(rng() * count)]
+            i = int(rng() * count)
+            j = int(rng() * (count - 1))
+            j += j >= i  # two distinct draws
+            a, b = backends[i], backends[j]
             exclude = ctx.exclude
-            a_ok = a.healthy and a.id not in exclude
-            b_ok = b is not a and b.healthy and b.id not in exclude
-            if a_ok and b_ok:
+            if (a.healthy and b.healthy and a.id not in exclude
+                    and b.id not in exclude):
                 return a if self.cost(a) <= self.cost(b) else b
         candidates = [b for b in backends if b.healthy and b.id not in ctx.exclude]
         if not candidates:
