@@ -373,24 +373,42 @@ class _Exchange:
         resp._send_headers_immediately = not conn.has_buffered_body
         await resp.prepare(request)
         read_idle = self.upstream.timeouts.read_idle
-        while True:
-            conn.arm_timer(read_idle, "read idle")
-            try:
+        try:
+            while True:
+                if conn.can_splice and not conn.has_buffered_body and resp.prepared:
+                    await self._splice_rest(resp, read_idle)
+                    break
+                conn.arm_timer(read_idle, "read idle")
                 chunk = await conn.read_chunk()
-            except (UpstreamProtocolError, UpstreamTimeout) as exc:
-                # Cut the client's response: a truncated body must never look complete.
-                log.warning("upstream %s backend %s died mid-response: %s",
-                            self.upstream.name, self.backend.id if self.backend else "?", exc)
-                transport = request.transport
-                if transport is not None:
-                    transport.abort()
-                return resp
-            if not chunk:
-                break
-            await resp.write(chunk)
+                if not chunk:
+                    break
+                await resp.write(chunk)
+        except (UpstreamProtocolError, UpstreamTimeout) as exc:
+            # Cut the client's response: a truncated body must never look complete.
+            log.warning("upstream %s backend %s died mid-response: %s",
+                        self.upstream.name, self.backend.id if self.backend else "?", exc)
+            transport = request.transport
+            if transport is not None:
+                transport.abort()
+            return resp
         self._release_conn(conn.finish())
         await resp.write_eof()
         return resp
+
+    async def _splice_rest(self, resp: ProxiedResponse, read_idle: float) -> None:
+        """The rest of a Content-Length body goes backend → client inside the
+        upstream protocol; this task only wakes when the client must drain."""
+        conn = self.conn
+        transport = self.request.transport
+        writer = resp._payload_writer
+        assert conn is not None and writer is not None
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("client connection closed")
+        await writer.drain()  # headers and earlier chunks flushed past the high-water mark
+        conn.splice(transport, read_idle)  # type: ignore[arg-type]
+        while not await conn.splice_event():
+            await writer.drain()
+            conn.splice_resume()
 
     def _release_conn(self, reusable: bool) -> None:
         conn, pool = self.conn, self.pool

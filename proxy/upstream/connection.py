@@ -66,6 +66,12 @@ class UpstreamConnection(asyncio.Protocol):
         self._drain_waiter: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._total_timer: asyncio.TimerHandle | None = None
+        self._sink: asyncio.Transport | None = None  # client transport while splicing
+        self._sink_high = 0
+        self._sink_paused = False
+        self._splice_waiter: asyncio.Future[None] | None = None
+        self._idle_limit = 0.0
+        self._last_data = 0.0
         self._request_sent = False
 
     # -- asyncio.Protocol -------------------------------------------------------------
@@ -92,10 +98,26 @@ class UpstreamConnection(asyncio.Protocol):
                 size = raw_left
                 self._keep_alive = False
             self._raw_left = raw_left - size
-            self.on_body(data)
+            sink = self._sink
+            if sink is None:
+                self.on_body(data)
+                if self._raw_left == 0:
+                    self._complete = True
+                    self._wake_body()
+                return
+            if sink.is_closing():
+                self._fail(ConnectionResetError("client connection closed"))
+                return
+            sink.write(data)
+            self._last_data = self._loop.time()
             if self._raw_left == 0:
                 self._complete = True
-                self._wake_body()
+                self._wake_splice()
+            elif sink.get_write_buffer_size() > self._sink_high:
+                # The client is slower than the backend: stop reading until it drains.
+                self.transport.pause_reading()  # type: ignore[union-attr]
+                self._sink_paused = True
+                self._wake_splice()
             return
         try:
             self._parser.feed_data(data)  # type: ignore[union-attr]
@@ -121,6 +143,7 @@ class UpstreamConnection(asyncio.Protocol):
                 self._complete = True
                 self._keep_alive = False
                 self._wake_body()
+                self._wake_splice()
             else:
                 self._set_error(UpstreamProtocolError("backend closed the connection"))
         waiter = self._drain_waiter
@@ -283,6 +306,64 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.resume_reading()  # type: ignore[union-attr]
         return chunk
 
+    # -- splicing: the rest of a Content-Length body straight to the client --------
+
+    @property
+    def can_splice(self) -> bool:
+        """True once a Content-Length body is being received past the parser."""
+        return self._raw_left > 0 and self._error is None and not self._complete
+
+    def splice(self, sink: asyncio.Transport, read_idle: float) -> None:
+        """From now on, body bytes go from data_received straight to the client's
+        transport: no task switch, queue or extra copy per chunk. The caller has
+        written everything buffered so far. Backpressure: reading from the backend
+        pauses while the client's write buffer is over its high-water mark."""
+        self._sink = sink
+        self._sink_high = sink.get_write_buffer_limits()[1]
+        self._sink_paused = False
+        self._idle_limit = read_idle
+        self._last_data = self._loop.time()
+        self._cancel_timer()
+        if read_idle:
+            self._timer = self._loop.call_later(read_idle, self._check_idle)
+
+    async def splice_event(self) -> bool:
+        """Wait until the spliced body is complete (True) or the client needs to
+        drain (False, then call splice_resume() once it has); raises on failure."""
+        while True:
+            if self._error is not None:
+                raise self._error
+            if self._complete:
+                return True
+            if self._sink_paused:
+                return False
+            self._splice_waiter = self._loop.create_future()
+            try:
+                await self._splice_waiter
+            finally:
+                self._splice_waiter = None
+
+    def splice_resume(self) -> None:
+        if self._sink_paused and not self.closed:
+            self._sink_paused = False
+            self._last_data = self._loop.time()
+            self.transport.resume_reading()  # type: ignore[union-attr]
+
+    def _check_idle(self) -> None:
+        # One timer per body rather than one per chunk: it re-arms for what is left.
+        idle = self._loop.time() - self._last_data
+        if self._sink_paused or idle < self._idle_limit:
+            remaining = self._idle_limit if self._sink_paused else self._idle_limit - idle
+            self._timer = self._loop.call_later(remaining, self._check_idle)
+        else:
+            self._timer = None
+            self._fail(UpstreamTimeout("read idle timeout"))
+
+    def _wake_splice(self) -> None:
+        waiter = self._splice_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
     def arm_timer(self, seconds: float | None, what: str) -> None:
         self._cancel_timer()
         if seconds:
@@ -301,6 +382,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._cancel_total()
         self.in_exchange = False
         self._parser = None
+        self._sink = None
         return (
             self._complete and self._keep_alive and self._request_sent
             and self._error is None and not self.closed and not self._chunks
@@ -309,6 +391,7 @@ class UpstreamConnection(asyncio.Protocol):
     def close(self) -> None:
         self._cancel_timer()
         self._cancel_total()
+        self._sink = None
         self.in_exchange = False
         if self.transport is not None and not self.closed:
             self.transport.abort()
@@ -337,7 +420,8 @@ class UpstreamConnection(asyncio.Protocol):
     def _set_error(self, exc: BaseException) -> None:
         if self._error is None:
             self._error = exc
-        for waiter in (self._head_waiter, self._body_waiter, self._drain_waiter):
+        for waiter in (self._head_waiter, self._body_waiter, self._drain_waiter,
+                       self._splice_waiter):
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
 

@@ -16,6 +16,8 @@ from proxy.upstream.connection import UpstreamConnection
 
 __all__ = ["BackendPool"]
 
+_RCVBUF = 512 * 1024
+
 
 class BackendPool:
     def __init__(
@@ -60,6 +62,10 @@ class BackendPool:
         sock = conn.transport.get_extra_info("socket") if conn.transport else None
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # A fixed 512 KiB receive buffer (the kernel doubles it) lets one read
+            # take up to uvloop's 256 KB instead of the ~64 KB a fresh autotuned
+            # socket allows: a third of the syscalls for large bodies.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RCVBUF)
         return conn
 
     def release(self, conn: UpstreamConnection, reusable: bool) -> None:
