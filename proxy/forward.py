@@ -405,7 +405,7 @@ class _Exchange:
         if transport is None or transport.is_closing():
             raise ConnectionResetError("client connection closed")
         await writer.drain()  # headers and earlier chunks flushed past the high-water mark
-        conn.splice(transport, read_idle)  # type: ignore[arg-type]
+        conn.splice(transport, read_idle)
         while not await conn.splice_event():
             await writer.drain()
             conn.splice_resume()
