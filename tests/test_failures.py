@@ -275,3 +275,28 @@ async def test_bytes_beyond_content_length_are_not_forwarded(
     finally:
         await edge.drain(1.0)
         backend.close()
+
+
+async def test_total_timeout_cuts_a_long_exchange(client: aiohttp.ClientSession) -> None:
+    async def trickles(request: web.BaseRequest) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        resp.content_length = 1000
+        await resp.prepare(request)
+        for _ in range(100):  # each piece well within read_idle, the whole far over total
+            await resp.write(b"x")
+            await asyncio.sleep(0.05)
+        return resp
+
+    _, listener = await start_backend(trickles)
+    edge = await start_proxy(proxy_config(
+        {"app": [f"127.0.0.1:{port_of(listener)}"]},
+        upstream_extra='timeouts = { total = "400ms", read_idle = "1s" }'))
+    try:
+        started = time.monotonic()
+        with pytest.raises(aiohttp.ClientPayloadError):
+            async with client.get(edge_url(edge) + "/") as resp:
+                await resp.read()
+        assert 0.3 < time.monotonic() - started < 2.0
+    finally:
+        await edge.drain(1.0)
+        listener.close()
