@@ -18,7 +18,6 @@ from proxy.app import Runtime, Upstream
 from proxy.errors import (
     BasculeError,
     BodyTooLarge,
-    NoBackendError,
     NoRouteError,
     UpstreamConnectError,
     UpstreamProtocolError,
@@ -31,6 +30,7 @@ from proxy.routing import Route, normalise_host, strip_path_prefix
 from proxy.strategy import RequestContext
 from proxy.upstream.connection import ResponseHead, UpstreamConnection
 from proxy.upstream.pool import BackendPool
+from proxy.websocket import tunnel_websocket
 
 __all__ = ["ClientBodyTimeout", "Forwarder", "error_response"]
 
@@ -131,8 +131,6 @@ class Forwarder:
 
         if (message.upgrade and route.websocket
                 and headers.get("Upgrade", "").lower() == "websocket"):
-            from proxy.websocket import tunnel_websocket
-
             return await tunnel_websocket(request, route, upstream, runtime)
 
         server = runtime.server
@@ -222,7 +220,7 @@ class _Exchange:
         upstream = self.upstream
         balancer = upstream.balancer
         ctx = RequestContext(self.hash_key)
-        last_error: BasculeError = NoBackendError("no backend")
+        last_error: BasculeError = UpstreamConnectError("no attempt connected")
         stale_retry_left = True
         attempts = 0
         while attempts < upstream.max_attempts:
@@ -255,8 +253,6 @@ class _Exchange:
                     continue
                 log.warning("upstream %s backend %s: %s", upstream.name, backend.id, exc)
                 raise
-        if isinstance(last_error, UpstreamConnectError):
-            raise UpstreamConnectError(str(last_error))
         raise last_error
 
     async def _send(self, backend: Backend) -> ResponseHead:

@@ -225,12 +225,14 @@ class ConsistentHash:
         point = _hash(key.encode("utf-8", "surrogateescape"))
         limit = self._load_limit(ctx) if self.balance_factor else 0.0
         if self.algorithm == "ring":
-            found = self._walk_ring(point, ctx.exclude, limit)
+            sequence: list[Backend] = self._owners
+            start = bisect.bisect_left(self._positions, point)
         else:
-            found = self._walk_table(point, ctx.exclude, limit)
+            sequence = self._table
+            start = point % len(sequence) if sequence else 0
+        found = self._walk(sequence, start, ctx.exclude, limit)
         if found is None and ctx.exclude:
-            found = (self._walk_ring(point, frozenset(), limit) if self.algorithm == "ring"
-                     else self._walk_table(point, frozenset(), limit))
+            found = self._walk(sequence, start, frozenset(), limit)
         if found is None:
             raise NoBackendError("no healthy backend")
         return found
@@ -245,54 +247,28 @@ class ConsistentHash:
             return False
         return not limit or backend.inflight < math.ceil(limit * backend.weight)
 
-    def _walk_ring(self, point: int, exclude: frozenset[str], limit: float) -> Backend | None:
-        positions, owners = self._positions, self._owners
-        size = len(positions)
-        if not size:
-            return None
-        start = bisect.bisect_left(positions, point)
-        first = owners[start % size]
-        if self._acceptable(first, exclude, limit):
-            return first
-        seen = {first.id}
-        distinct = len(self._backends)
-        for step in range(1, size):
-            backend = owners[(start + step) % size]
-            if backend.id in seen:
-                continue
-            if self._acceptable(backend, exclude, limit):
-                return backend
-            seen.add(backend.id)
-            if len(seen) >= distinct:
-                break
-        for backend in self._backends:  # backends newer than the ring being rebuilt
-            if self._acceptable(backend, exclude, limit):
-                return backend
-        return None
-
-    def _walk_table(self, point: int, exclude: frozenset[str], limit: float) -> Backend | None:
-        table = self._table
-        size = len(table)
-        if not size:
-            return None
-        index = point % size
-        first = table[index]
-        if self._acceptable(first, exclude, limit):
-            return first
-        # Overflow walks the table from the key's entry, which visits backends in a
-        # key-specific, deterministic order.
-        seen = {first.id}
-        distinct = len(self._backends)
-        for step in range(1, size):
-            backend = table[(index + step) % size]
-            if backend.id in seen:
-                continue
-            if self._acceptable(backend, exclude, limit):
-                return backend
-            seen.add(backend.id)
-            if len(seen) >= distinct:
-                break
-        for backend in self._backends:  # backends newer than the table being built
+    def _walk(self, sequence: list[Backend], start: int, exclude: frozenset[str],
+              limit: float) -> Backend | None:
+        """The key's own backend, or when it is unhealthy, excluded or full, the next
+        distinct one along the ring (or table) from the key's place: a deterministic,
+        key-specific order of candidates."""
+        size = len(sequence)
+        if size:
+            first = sequence[start % size]
+            if self._acceptable(first, exclude, limit):
+                return first
+            seen = {first.id}
+            distinct = len(self._backends)
+            for step in range(1, size):
+                backend = sequence[(start + step) % size]
+                if backend.id in seen:
+                    continue
+                if self._acceptable(backend, exclude, limit):
+                    return backend
+                seen.add(backend.id)
+                if len(seen) >= distinct:
+                    break
+        for backend in self._backends:  # backends newer than a ring/table being rebuilt
             if self._acceptable(backend, exclude, limit):
                 return backend
         return None
