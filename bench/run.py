@@ -3,6 +3,9 @@ when installed, nginx and HAProxy configured equivalently (keep-alive upstream p
 round robin over the same backend). Targets are interleaved over several rounds and
 medians reported, because shared machines are noisy; compare ratios, not absolutes.
 
+Bascule runs with metrics on and access logs off (as nginx here); `--observability`
+adds one-worker variants with metrics off and with access logging on.
+
 The proxy under test runs pinned to CPU 0 (nginx/HAProxy/Bascule-1 alike); the
 backend (nginx, static answers) and wrk share the other core. `auto` uses all cores.
 
@@ -142,6 +145,8 @@ def main() -> int:
     ap.add_argument("--json", type=Path, help="also write raw results here")
     ap.add_argument("--only", action="append", help="scenario(s) to run, e.g. '1KiB GET'")
     ap.add_argument("--targets", help="comma-separated subset of targets")
+    ap.add_argument("--observability", action="store_true",
+                    help="add bascule-1 with metrics off, and with JSON access logs on")
     args = ap.parse_args()
     scenarios = {k: v for k, v in SCENARIOS.items() if not args.only or k in args.only}
     for tool in ("wrk", "nginx"):
@@ -197,7 +202,11 @@ backend be
             bench.start(pinned(0, ["haproxy", "-f", str(cfg)]))
             targets["haproxy"] = port
 
-        for label, workers, cpu in (("1", "1", 0), ("auto", '"auto"', None)):
+        variants = [("1", "1", 0, "true", "off"), ("auto", '"auto"', None, "true", "off")]
+        if args.observability:
+            variants += [("1-nometrics", "1", 0, "false", "off"),
+                         ("1-accesslog", "1", 0, "true", "/dev/null")]
+        for label, workers, cpu, metrics, access_log in variants:
             port, admin = free_port(), free_port()
             conf = work / f"bascule-{label}.toml"
             conf.write_text(f"""
@@ -205,8 +214,10 @@ backend be
 listen = ["127.0.0.1:{port}"]
 workers = {workers}
 max_body_size = "10MiB"
+access_log = "{access_log}"
 [admin]
 listen = "127.0.0.1:{admin}"
+metrics = {metrics}
 [[routes]]
 upstream = "be"
 [upstreams.be]

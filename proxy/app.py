@@ -5,6 +5,8 @@ can be fully checked (`bascule check`) by building it."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +63,9 @@ class Runtime:
     routes: RouteTable
     upstreams: dict[str, Upstream]
     trusted: tuple[IPNetwork, ...]
+    file: str = ""
+    config_hash: str = ""
+    loaded_at: float = 0.0
     ws_session: Any = None  # aiohttp.ClientSession, made on the first WebSocket
     loop: Any = None  # the worker's event loop, set when serving starts
 
@@ -68,6 +73,41 @@ class Runtime:
         self.close()
         if self.ws_session is not None:
             await self.ws_session.close()
+
+    def live_backends(self) -> dict[str, set[str]]:
+        return {name: {b.id for b in up.balancer.backends}
+                for name, up in self.upstreams.items()}
+
+    def backend_gauges(self) -> list[tuple[str, str, int, bool]]:
+        return [(name, b.id, b.inflight, b.healthy)
+                for name, up in self.upstreams.items() for b in up.balancer.backends]
+
+    def status(self) -> dict[str, Any]:
+        """The /status document: what this worker runs and each backend's state."""
+        return {
+            "config": {"file": self.file, "hash": self.config_hash,
+                       "loaded_at": self.loaded_at},
+            "routes": [
+                {"name": r.name, "host": r.host, "path_prefix": r.path_prefix,
+                 "upstream": r.upstream, "strip_prefix": r.strip_prefix,
+                 "pass_host": r.pass_host, "websocket": r.websocket}
+                for r in self.routes.routes
+            ],
+            "upstreams": {
+                name: {
+                    "strategy": up.config.strategy,
+                    "discovery": {"source": "static", "stale": False,
+                                  "version": up.balancer.version},
+                    "inflight": up.balancer.inflight,
+                    "backends": [
+                        {"id": b.id, "address": b.address, "weight": b.weight,
+                         "healthy": b.healthy, "inflight": b.inflight, "source": "static"}
+                        for b in up.balancer.backends
+                    ],
+                }
+                for name, up in self.upstreams.items()
+            },
+        }
 
     def sweep_idle(self, now: float) -> None:
         for upstream in self.upstreams.values():
@@ -124,15 +164,17 @@ def build_runtime(config: Config, file: str) -> Runtime:
         raise ConfigError(problems)
     routes = RouteTable([
         Route(
-            name=f"routes[{i}]", upstream=r.upstream, host=r.host,
+            name=r.name or f"routes[{i}]", upstream=r.upstream, host=r.host,
             path_prefix=r.path_prefix, strip_prefix=r.strip_prefix,
-            pass_host=r.pass_host, websocket=r.websocket,
+            pass_host=r.pass_host, websocket=r.websocket, access_log=r.access_log,
         )
         for i, r in enumerate(config.routes)
     ])
     return Runtime(
         config=config, server=config.server, routes=routes, upstreams=upstreams,
-        trusted=config.server.trusted_networks(),
+        trusted=config.server.trusted_networks(), file=file,
+        config_hash=hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:16],
+        loaded_at=time.time(),
     )
 
 

@@ -79,6 +79,21 @@ class ServerConfig(_Strict):
     max_header_size: Size = 32 * 1024
     max_headers: int = Field(default=100, ge=1, le=10_000)
     trusted_proxies: list[str] = Field(default_factory=list)
+    access_log: str = "stdout"
+    access_log_format: Literal["json", "combined"] = "json"
+    request_id: bool = True
+    trust_request_id: bool = False
+
+    @field_validator("access_log")
+    @classmethod
+    def _access_log(cls, value: str) -> str:
+        if value in ("stdout", "stderr", "off"):
+            return value
+        directory = os.path.dirname(os.path.abspath(value))
+        if not os.path.isdir(directory):
+            raise ValueError(f'must be "stdout", "stderr", "off" or a file in an existing '
+                             f"directory, got {value!r}")
+        return value
 
     @field_validator("listen")
     @classmethod
@@ -120,6 +135,16 @@ class ServerConfig(_Strict):
 
 class AdminConfig(_Strict):
     listen: str = "127.0.0.1:9901"
+    metrics: bool = True
+    max_backend_series: int = Field(default=1000, ge=1, le=1_000_000)
+    token_file: str | None = None
+
+    @field_validator("token_file")
+    @classmethod
+    def _token_file(cls, value: str | None) -> str | None:
+        if value is not None and not os.path.isfile(value):
+            raise ValueError(f"file not found: {value!r}")
+        return value
 
     @field_validator("listen")
     @classmethod
@@ -130,11 +155,13 @@ class AdminConfig(_Strict):
 
 class RouteConfig(_Strict):
     upstream: str
+    name: str | None = Field(default=None, min_length=1, max_length=100)
     host: str | None = None
     path_prefix: str = "/"
     strip_prefix: bool = False
     pass_host: bool = True
     websocket: bool = True
+    access_log: bool = True
 
     @field_validator("host")
     @classmethod
@@ -230,9 +257,16 @@ def _cross_check(data: dict[str, Any], file: str) -> list[ConfigProblem]:
     upstreams = data.get("upstreams")
     upstream_names = set(upstreams) if isinstance(upstreams, dict) else set()
     seen: dict[tuple[Any, Any], int] = {}
+    names: dict[str, int] = {}
     for i, route in enumerate(routes if isinstance(routes, list) else []):
         if not isinstance(route, dict):
             continue
+        label = route.get("name")
+        if isinstance(label, str):
+            if label in names:
+                problems.append(ConfigProblem(
+                    file, f"routes[{i}].name", f"name {label!r} is used by routes[{names[label]}]"))
+            names[label] = i
         name = route.get("upstream")
         if isinstance(name, str) and name not in upstream_names:
             known = ", ".join(sorted(upstream_names)) or "none"

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import time
 from typing import Final
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from yarl import URL
 
+from proxy.accesslog import AccessLog, AccessRecord
 from proxy.app import Runtime, Upstream
 from proxy.errors import (
     BasculeError,
@@ -24,6 +27,7 @@ from proxy.errors import (
     UpstreamTimeout,
 )
 from proxy.headers import build_request_head, is_trusted
+from proxy.metrics import Metrics
 from proxy.models import Backend
 from proxy.response import ProxiedResponse
 from proxy.routing import Route, normalise_host, strip_path_prefix
@@ -32,7 +36,7 @@ from proxy.upstream.connection import ResponseHead, UpstreamConnection
 from proxy.upstream.pool import BackendPool
 from proxy.websocket import tunnel_websocket
 
-__all__ = ["ClientBodyTimeout", "Forwarder", "error_response"]
+__all__ = ["ClientBodyTimeout", "Forwarder", "Outcome", "error_response"]
 
 log = logging.getLogger("bascule.forward")
 
@@ -96,11 +100,64 @@ class _IdleWatchdog:
             self._handle = None
 
 
+class Outcome:
+    """What the metrics and the access log need to know about one request."""
+
+    __slots__ = ("backend", "bytes_in", "bytes_out", "request_id", "route", "upstream")
+
+    def __init__(self) -> None:
+        self.route: Route | None = None
+        self.upstream = ""
+        self.backend = ""
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.request_id = ""
+
+
 class Forwarder:
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, metrics: Metrics | None = None,
+                 access_log: AccessLog | None = None) -> None:
         self.runtime = runtime
+        self.metrics = metrics or Metrics(multiprocess=False, enabled=False)
+        self.access_log = access_log
+        self._id_prefix = os.urandom(8).hex()
+        self._id_counter = 0
+
+    def next_request_id(self) -> str:
+        # Unique across workers and instances (random 64-bit prefix per worker)
+        # without a getrandom() syscall per request.
+        self._id_counter += 1
+        return f"{self._id_prefix}{self._id_counter:016x}"
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        loop = self.runtime.loop
+        started = loop.time()
+        outcome = Outcome()
+        status = 499  # as nginx logs a client that went away before the response
+        try:
+            response = await self._handle(request, outcome)
+            status = response.status
+            return response
+        finally:
+            duration = loop.time() - started
+            route = outcome.route
+            message = request._message
+            self.metrics.record_request(route.name if route else "", outcome.upstream,
+                                        message.method, status, duration,
+                                        outcome.bytes_in, outcome.bytes_out)
+            access_log = self.access_log
+            if access_log is not None and access_log.enabled and (
+                    route is None or route.access_log):
+                headers = message.headers
+                access_log.log(AccessRecord(
+                    time.time() - duration, request.protocol.peer,  # type: ignore[attr-defined]
+                    message.method, headers.get("Host", ""), message.path,
+                    f"{message.version[0]}.{message.version[1]}", status,
+                    outcome.bytes_out, duration, outcome.upstream, outcome.backend, "",
+                    outcome.request_id, headers.get("Referer", ""),
+                    headers.get("User-Agent", "")))
+
+    async def _handle(self, request: web.BaseRequest, outcome: Outcome) -> web.StreamResponse:
         runtime = self.runtime
         # The parsed message (aiohttp's RawRequestMessage) is read directly: the
         # request's convenience properties re-derive the same values per access.
@@ -128,6 +185,8 @@ class Forwarder:
         if route is None:
             return error_response(NoRouteError.status, NoRouteError.public_message)
         upstream = runtime.upstreams[route.upstream]
+        outcome.route = route
+        outcome.upstream = upstream.name
 
         if (message.upgrade and route.websocket
                 and headers.get("Upgrade", "").lower() == "websocket"):
@@ -154,11 +213,17 @@ class Forwarder:
         if route.strip_prefix and route.path_prefix != "/":
             target = strip_path_prefix(target, route.path_prefix)
         peer = request.protocol.peer  # type: ignore[attr-defined]
+        request_id = b""
+        if server.request_id:
+            client_id = headers.get("X-Request-Id") if server.trust_request_id else None
+            outcome.request_id = client_id or self.next_request_id()
+            request_id = outcome.request_id.encode("latin-1", "replace")
         head_rest, client_host, head_size = build_request_head(
             message.raw_headers,
             peer=peer,
             trusted_peer=is_trusted(peer, runtime.trusted),
             framing=framing,
+            request_id=request_id,
         )
         if head_size > server.max_header_size:
             return error_response(431, "request header fields too large", close=True)
@@ -167,7 +232,9 @@ class Forwarder:
         hash_on = upstream.hash_on
         hash_key = hash_on.extract(headers, message.path, peer) if hash_on else None
         exchange = _Exchange(request, route, upstream, runtime, request_line, head_rest,
-                             client_host, has_body, chunked, hash_key)
+                             client_host, has_body, chunked, hash_key, self.metrics, outcome)
+        if length:
+            outcome.bytes_in = length
         try:
             return await exchange.run()
         except BasculeError as exc:
@@ -179,15 +246,17 @@ class _Exchange:
     """State of one proxied request across its attempts."""
 
     __slots__ = ("backend", "chunked", "client_host", "conn", "has_body", "hash_key",
-                 "head_rest", "pool", "request", "request_line", "route", "runtime",
-                 "upstream")
+                 "head_rest", "metrics", "outcome", "pool", "request", "request_line",
+                 "route", "runtime", "upstream")
 
     def __init__(
         self, request: web.BaseRequest, route: Route, upstream: Upstream, runtime: Runtime,
         request_line: bytes, head_rest: bytes, client_host: bytes, has_body: bool,
-        chunked: bool, hash_key: str | None,
+        chunked: bool, hash_key: str | None, metrics: Metrics, outcome: Outcome,
     ) -> None:
         self.hash_key = hash_key
+        self.metrics = metrics
+        self.outcome = outcome
         self.request = request
         self.route = route
         self.upstream = upstream
@@ -210,11 +279,19 @@ class _Exchange:
             resp = await self._respond(head)
             ok = True
             return resp
+        except UpstreamTimeout:
+            if self.backend is not None:
+                self.metrics.backend(self.upstream.name, self.backend.id).timeouts += 1
+            raise
         finally:
             if self.conn is not None:
                 self._release_conn(False)
-            if self.backend is not None:
-                self.upstream.balancer.release(self.backend, loop.time() - started, ok)
+            backend = self.backend
+            if backend is not None:
+                latency = loop.time() - started
+                self.upstream.balancer.release(backend, latency, ok)
+                self.metrics.backend(self.upstream.name, backend.id).latency.observe(latency)
+                self.outcome.backend = backend.id
 
     async def _connect_and_send(self) -> ResponseHead:
         upstream = self.upstream
@@ -232,6 +309,9 @@ class _Exchange:
             except UpstreamConnectError as exc:
                 log.warning("upstream %s: %s", upstream.name, exc)
                 balancer.release(backend, 0.0, False)
+                self.metrics.backend(upstream.name, backend.id).connect_errors += 1
+                if attempts < upstream.max_attempts:
+                    self.metrics.record_retry(upstream.name)
                 self.backend = None
                 last_error = exc
                 ctx.exclude = ctx.exclude | {backend.id}
@@ -246,6 +326,7 @@ class _Exchange:
                 if (reused and stale_retry_left and not self.has_body
                         and not conn.received_any):
                     stale_retry_left = False
+                    self.metrics.record_retry(upstream.name)
                     self._release_conn(False)
                     balancer.release(backend, 0.0, True)
                     self.backend = None
@@ -314,6 +395,7 @@ class _Exchange:
                 watchdog.progress()
             if chunked:
                 conn.write(b"0\r\n\r\n")
+            self.outcome.bytes_in = sent
             conn.request_sent()
             if not conn.head_received:
                 conn.arm_timer(self.upstream.timeouts.response_header, "response header")
@@ -362,7 +444,11 @@ class _Exchange:
             resp._send_headers_immediately = False
             self._release_conn(conn.finish())
             await resp.prepare(request)
-            await resp.write_eof(b"" if no_body else body)
+            if no_body:
+                await resp.write_eof()
+            else:
+                self.outcome.bytes_out = len(body)
+                await resp.write_eof(body)
             return resp
         # Headers go out with the first body bytes when some already arrived;
         # otherwise at once, so SSE/long-poll clients see the response start.
@@ -378,6 +464,7 @@ class _Exchange:
                 chunk = await conn.read_chunk()
                 if not chunk:
                     break
+                self.outcome.bytes_out += len(chunk)
                 await resp.write(chunk)
         except (UpstreamProtocolError, UpstreamTimeout) as exc:
             # Cut the client's response: a truncated body must never look complete.
@@ -405,6 +492,9 @@ class _Exchange:
         while not await conn.splice_event():
             await writer.drain()
             conn.splice_resume()
+        length = resp.content_length
+        if length is not None:
+            self.outcome.bytes_out = length
 
     def _release_conn(self, reusable: bool) -> None:
         conn, pool = self.conn, self.pool

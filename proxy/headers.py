@@ -71,10 +71,12 @@ def build_request_head(
     trusted_peer: bool,
     proto: bytes = b"http",
     framing: bytes = b"",
+    request_id: bytes = b"",
 ) -> tuple[bytes, bytes, int]:
     """The forwarded header block (without request line and Host), the client's
     Host value and the size of the client's header block. `framing` is the
-    Content-Length/Transfer-Encoding line to send."""
+    Content-Length/Transfer-Encoding line to send; a non-empty `request_id` replaces
+    any X-Request-Id the client sent."""
     kept: list[tuple[bytes, bytes]] = []
     nominated: set[bytes] | None = None
     host = b""
@@ -85,7 +87,8 @@ def build_request_head(
         size += len(name) + len(value) + 4
         lname = name.lower()
         if lname not in _DROP_REQUEST:
-            kept.append((lname, name + b": " + value + b"\r\n"))
+            if not (request_id and lname == b"x-request-id"):
+                kept.append((lname, name + b": " + value + b"\r\n"))
         elif lname == b"host":
             host = value
         elif lname == b"connection":
@@ -124,6 +127,8 @@ def build_request_head(
     if client_xfh:
         lines.append(b"X-Forwarded-Host: " + client_xfh + b"\r\n")
     lines.append(b"Via: " + (via + b", " + _VIA if via else _VIA) + b"\r\n")
+    if request_id:
+        lines.append(b"X-Request-Id: " + request_id + b"\r\n")
     if framing:
         lines.append(framing)
     lines.append(b"\r\n")

@@ -24,6 +24,7 @@ class Route:
     strip_prefix: bool = False
     pass_host: bool = True
     websocket: bool = True
+    access_log: bool = True
 
 
 @lru_cache(maxsize=1024)

@@ -7,17 +7,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
+import time
 from typing import Any
 
 from aiohttp import http_parser, web
 from aiohttp.http_exceptions import LineTooLong
 from aiohttp.web_protocol import RequestHandler
+from prometheus_client import CONTENT_TYPE_LATEST
 
+from proxy import __version__
+from proxy.accesslog import AccessLog
 from proxy.app import Runtime, sweep_forever
 from proxy.config import parse_hostport
 from proxy.forward import Forwarder
+from proxy.metrics import Metrics, multiprocess_dir_is_set
 
 __all__ = ["BasculeServer", "Edge", "c_parser_in_use", "listen_socket", "serve_worker"]
 
@@ -43,6 +49,7 @@ class _EdgeProtocol(RequestHandler):
         super().__init__(*args, **kwargs)
         self._header_deadline: asyncio.TimerHandle | None = None
         self.peer = ""
+        self.metrics: Metrics | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -62,6 +69,9 @@ class _EdgeProtocol(RequestHandler):
             self._header_deadline = None
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        if self.metrics is not None:
+            self.metrics.open_connections -= 1
+            self.metrics = None  # counted once
         if self._header_deadline is not None:
             self._header_deadline.cancel()
             self._header_deadline = None
@@ -105,13 +115,17 @@ class _EdgeProtocol(RequestHandler):
 
 
 class BasculeServer(web.Server):
-    def __init__(self, handler: Any, *, header_timeout: float, **kwargs: Any) -> None:
+    def __init__(self, handler: Any, *, header_timeout: float, metrics: Metrics,
+                 **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self._header_timeout = header_timeout
+        self.metrics = metrics
 
     def __call__(self) -> RequestHandler:
         proto = _EdgeProtocol(self, loop=self._loop, **self._kwargs)
         proto.header_timeout = self._header_timeout
+        proto.metrics = self.metrics
+        self.metrics.open_connections += 1
         return proto
 
 
@@ -130,25 +144,27 @@ def listen_socket(address: str) -> socket.socket:
     return sock
 
 
-async def _admin_handler(state: dict[str, bool], request: web.BaseRequest) -> web.Response:
-    if request.path == "/healthz":
-        if state["draining"]:
-            return web.Response(status=503, text="draining\n")
-        return web.Response(text="ok\n")
-    return web.Response(status=404, text="not found\n")
-
-
 class Edge:
-    """The listeners of one worker: public edge, admin, and the idle-pool sweeper."""
+    """One worker's listeners: the public edge, the admin listener, and the
+    background duties (idle-pool sweeping, metrics flushing)."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, *, multiprocess_metrics: bool = False,
+                 worker_id: int = 0) -> None:
         self.runtime = runtime
-        self.forwarder = Forwarder(runtime)
-        self.state = {"draining": False}
+        self.worker_id = worker_id
         cfg = runtime.server
+        admin_cfg = runtime.config.admin
+        self.metrics = Metrics(multiprocess=multiprocess_metrics,
+                               max_backend_series=admin_cfg.max_backend_series,
+                               enabled=admin_cfg.metrics)
+        self.access_log = AccessLog(cfg.access_log, cfg.access_log_format)
+        self.forwarder = Forwarder(runtime, self.metrics, self.access_log)
+        self.draining = False
+        self.started_at = time.time()
         self.server = BasculeServer(
             self.forwarder.handle,
             header_timeout=cfg.request_header_timeout,
+            metrics=self.metrics,
             handler_cancellation=True,
             keepalive_timeout=cfg.keepalive_timeout,
             max_line_size=cfg.max_header_size,
@@ -160,47 +176,94 @@ class Edge:
             # briefly, so the client sees the response instead of a reset.
             lingering_time=2.0,
         )
-        self.admin = web.Server(lambda r: _admin_handler(self.state, r), access_log=None)
+        self.admin = web.Server(self._admin, access_log=None)
         self.listeners: list[asyncio.Server] = []
         self.admin_listener: asyncio.Server | None = None
-        self._sweeper: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self, *, admin: bool = True) -> None:
         loop = asyncio.get_running_loop()
-        self.runtime.loop = loop
-        for address in self.runtime.server.listen:
+        runtime = self.runtime
+        runtime.loop = loop
+        self.metrics.watch(lambda: self.forwarder.runtime.live_backends(),
+                           lambda: self.forwarder.runtime.backend_gauges())
+        self.metrics.config_loaded_now(runtime.config_hash)
+        for name in runtime.upstreams:
+            self.metrics.record_discovery(name, "static", ok=True)
+        for address in runtime.server.listen:
             self.listeners.append(await loop.create_server(
                 self.server, sock=listen_socket(address), backlog=1024))
         if admin:
             self.admin_listener = await loop.create_server(
-                self.admin, sock=listen_socket(self.runtime.config.admin.listen), backlog=128)
-        self._sweeper = loop.create_task(sweep_forever(lambda: self.forwarder.runtime))
+                self.admin, sock=listen_socket(runtime.config.admin.listen), backlog=128)
+        self._tasks = [
+            loop.create_task(sweep_forever(lambda: self.forwarder.runtime)),
+            loop.create_task(self._flush_metrics_forever()),
+        ]
 
     @property
     def ports(self) -> list[int]:
         return [int(s.sockets[0].getsockname()[1]) for s in self.listeners]
 
+    @property
+    def admin_port(self) -> int:
+        assert self.admin_listener is not None
+        return int(self.admin_listener.sockets[0].getsockname()[1])
+
+    async def _flush_metrics_forever(self, interval: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            self.metrics.flush()
+
+    async def _admin(self, request: web.BaseRequest) -> web.StreamResponse:
+        if request.method not in ("GET", "HEAD"):
+            return web.Response(status=405, text="method not allowed\n",
+                                headers={"Allow": "GET, HEAD"})
+        path = request.path
+        if path == "/healthz":
+            if self.draining:
+                return web.Response(status=503, text="draining\n")
+            return web.Response(text="ok\n")
+        if path == "/metrics":
+            if not self.metrics.enabled:
+                return web.Response(status=404, text="metrics are disabled\n")
+            self.metrics.flush()
+            # Reading every worker's files is file I/O: off the event loop.
+            body = await asyncio.get_running_loop().run_in_executor(
+                None, self.metrics.exposition)
+            return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+        if path == "/status":
+            document = self.forwarder.runtime.status()
+            document.update({
+                "version": __version__, "worker": self.worker_id, "pid": os.getpid(),
+                "draining": self.draining, "started_at": self.started_at,
+            })
+            return web.json_response(document)
+        return web.Response(status=404, text="not found\n")
+
     async def drain(self, timeout: float) -> None:
         """Stop accepting, let in-flight requests finish (up to timeout), close."""
-        self.state["draining"] = True
+        self.draining = True
         for listener in self.listeners:
             listener.close()
         # Idle keep-alive connections close now; busy ones after their response.
         self.server.pre_shutdown()
         await self.server.shutdown(timeout)
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        for task in self._tasks:
+            task.cancel()
+        self.metrics.flush()
         if self.admin_listener is not None:
             self.admin_listener.close()
             await self.admin.shutdown(1.0)
         await self.forwarder.runtime.aclose()
+        self.access_log.close()
 
 
 async def serve_worker(runtime: Runtime, worker_id: int) -> None:
     """Serve until SIGTERM/SIGINT, then drain in-flight requests (graceful_timeout)."""
     loop = asyncio.get_running_loop()
     cfg = runtime.server
-    edge = Edge(runtime)
+    edge = Edge(runtime, multiprocess_metrics=multiprocess_dir_is_set(), worker_id=worker_id)
     await edge.start()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

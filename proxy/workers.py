@@ -10,10 +10,14 @@ import contextlib
 import gc
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+
+from prometheus_client.multiprocess import mark_process_dead
 
 from proxy.app import build_runtime
 from proxy.config import Config
@@ -72,6 +76,18 @@ def run_supervisor(config: Config, file: str) -> int:
             log.error("cannot listen on %s: %s", address, exc.strerror or exc)
             return 1
 
+    # prometheus-client multiprocess mode: every worker writes its own files here and
+    # any worker's /metrics sums them. Fresh per run, so nothing from a previous run
+    # leaks into the totals; removed at exit.
+    metrics_dir = tempfile.mkdtemp(prefix="bascule-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    try:
+        return _supervise(config, file, metrics_dir)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _supervise(config: Config, file: str, metrics_dir: str) -> int:
     count = config.server.worker_count()
     workers: dict[int, int] = {}  # pid -> worker id
     stopping = False
@@ -101,6 +117,9 @@ def run_supervisor(config: Config, file: str) -> int:
         worker_id = workers.pop(pid, 0)
         if not worker_id:
             continue
+        # A dead worker's live gauges (in-flight, up) must not count any more; its
+        # counters stay, so totals never go backwards.
+        mark_process_dead(pid, metrics_dir)  # type: ignore[no-untyped-call]
         code = os.waitstatus_to_exitcode(status)
         if stopping:
             if code != 0:

@@ -3,15 +3,19 @@
 # exactly what to install. Usage: ensure-system-packages.sh test|bench
 set -euo pipefail
 
+# command:package pairs
 case "${1:-}" in
-  test)  need=(curl) ;;                       # the suite starts everything else itself
-  bench) need=(wrk nginx haproxy) ;;
+  test)  need=(promtool:prometheus prometheus:prometheus) ;;   # the metrics tests
+  bench) need=(wrk:wrk nginx:nginx haproxy:haproxy) ;;
   *) echo "usage: $0 test|bench" >&2; exit 2 ;;
 esac
 
 missing=()
-for cmd in "${need[@]}"; do
-  command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || missing+=("$cmd")
+for pair in "${need[@]}"; do
+  cmd=${pair%%:*}; pkg=${pair#*:}
+  if ! command -v "$cmd" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$cmd" ]; then
+    case " ${missing[*]-} " in *" $pkg "*) ;; *) missing+=("$pkg") ;; esac
+  fi
 done
 [ ${#missing[@]} -eq 0 ] && exit 0
 
@@ -19,10 +23,12 @@ if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "installing ${missing[*]} with apt-get" >&2
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-  # Debian starts nginx as a service on install; the benchmark runs its own.
-  if printf '%s\n' "${missing[@]}" | grep -qx nginx; then
-    (service nginx stop || systemctl stop nginx) >/dev/null 2>&1 || true
-  fi
+  # Debian starts these as services on install; tests and benchmarks run their own.
+  for service in nginx prometheus haproxy; do
+    if printf '%s\n' "${missing[@]}" | grep -qx "$service"; then
+      (service "$service" stop || systemctl stop "$service") >/dev/null 2>&1 || true
+    fi
+  done
 else
   echo "missing: ${missing[*]} -- install them first, e.g.: sudo apt-get install ${missing[*]}" >&2
   exit 1

@@ -43,7 +43,7 @@ def port_of(listener: Any) -> int:
 def proxy_config(upstreams: dict[str, list[str]] | None = None, *, routes: str = "",
                  server: str = "", upstream_extra: str = "") -> str:
     """A config TOML with one public listener and admin on free ports."""
-    lines = [f'[server]\nlisten = ["127.0.0.1:{free_port()}"]\n{server}',
+    lines = [f'[server]\nlisten = ["127.0.0.1:{free_port()}"]\naccess_log = "off"\n{server}',
              f'[admin]\nlisten = "127.0.0.1:{free_port()}"']
     lines.append(routes or '[[routes]]\nupstream = "app"')
     for name, backends in (upstreams or {}).items():
@@ -56,6 +56,22 @@ async def start_proxy(toml_text: str) -> Edge:
     config = parse_config(tomllib.loads(toml_text), "<test>")
     edge = Edge(build_runtime(config, "<test>"))
     await edge.start(admin=False)
+    return edge
+
+
+async def start_proxy_with_admin(body: str, *, admin_table: bool = True) -> Edge:
+    """An edge with its admin listener, from routes/upstreams TOML (and optionally
+    an [admin] table of the caller's, which then must not set listen)."""
+    admin_port = free_port()
+    server = f'[server]\nlisten = ["127.0.0.1:{free_port()}"]\naccess_log = "off"\n'
+    if admin_table:
+        text = server + f'[admin]\nlisten = "127.0.0.1:{admin_port}"\n' + body
+    else:
+        text = server + body.replace("[admin]\n",
+                                     f'[admin]\nlisten = "127.0.0.1:{admin_port}"\n', 1)
+    config = parse_config(tomllib.loads(text), "<test>")
+    edge = Edge(build_runtime(config, "<test>"))
+    await edge.start(admin=True)
     return edge
 
 

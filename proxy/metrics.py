@@ -1,0 +1,331 @@
+"""Prometheus metrics: cheap to record on the hot path, correct across workers.
+
+Recording is a few integer updates in per-worker accumulators (no lock, no mmap write,
+no label lookup in prometheus-client); `flush()` moves the accumulated deltas into
+prometheus-client metrics once a second and before every scrape this worker answers.
+With several workers, prometheus-client's multiprocess mode (one mmap file per metric
+kind and process, in a directory the supervisor makes fresh for each run) lets any
+worker's `/metrics` sum them all: counters and histograms add up, gauges use the
+`multiprocess_mode` that fits (live sums for in-flight counts, live max for states).
+
+Label values come only from config (route and upstream names) and discovery
+(backend ids), never from requests. Backend series are capped per family
+(`[admin] max_backend_series`, overflow into backend="other") and series for
+backends that left discovery are dropped from the exposition.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import platform
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import aiohttp
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
+from prometheus_client.exposition import generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from proxy import __version__
+
+__all__ = ["DURATION_BUCKETS", "METHODS", "Metrics", "status_class"]
+
+# 1 ms to 30 s: what a proxy's requests take, from cache hits to long uploads.
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                    1.0, 2.5, 5.0, 10.0, 30.0)
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS",
+                     "CONNECT", "TRACE"})
+_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+OTHER = "other"
+
+
+def status_class(status: int) -> str:
+    return _CLASSES[status // 100 - 1] if 100 <= status < 600 else OTHER
+
+
+class _LocalHistogram:
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(DURATION_BUCKETS) + 1)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(DURATION_BUCKETS, value)] += 1
+        self.total += value
+
+
+class _RouteStats:
+    __slots__ = ("bytes_in", "bytes_out", "duration", "requests")
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str], int] = {}  # (method, code class) -> count
+        self.duration = _LocalHistogram()
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+
+class _BackendStats:
+    __slots__ = ("connect_errors", "latency", "timeouts")
+
+    def __init__(self) -> None:
+        self.latency = _LocalHistogram()
+        self.connect_errors = 0
+        self.timeouts = 0
+
+
+class _FilteredRegistry:
+    """What /metrics exposes: the source collectors minus series of backends that
+    are no longer in discovery (multiprocess files cannot forget a label set)."""
+
+    def __init__(self, source: Any, live: Callable[[], dict[str, set[str]]]) -> None:
+        self._source = source
+        self._live = live
+
+    def collect(self) -> Iterator[Metric]:
+        live = self._live()
+        for family in self._source.collect():
+            samples = family.samples
+            if samples and "backend" in samples[0].labels:
+                family.samples = [
+                    s for s in samples
+                    if s.labels.get("backend") == OTHER
+                    or s.labels.get("backend") in live.get(s.labels.get("upstream", ""), ())
+                ]
+            yield family
+
+
+class Metrics:
+    def __init__(self, *, multiprocess: bool, max_backend_series: int = 1000,
+                 enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.multiprocess = multiprocess
+        self.max_backend_series = max_backend_series
+        if multiprocess:
+            # Chosen per process after fork: the class records this worker's pid.
+            values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+            registry: CollectorRegistry | None = None
+        else:
+            registry = CollectorRegistry(auto_describe=True)
+        self.registry = registry
+        self._routes: dict[tuple[str, str], _RouteStats] = {}
+        self._backends: dict[tuple[str, str], _BackendStats] = {}
+        self._backend_ids: set[str] = set()
+        self._retries: dict[str, int] = {}
+        self._discovery: dict[tuple[str, str], list[float]] = {}  # -> [updates, errors, ts]
+        self._gauges_from: Callable[[], Iterable[tuple[str, str, int, bool]]] = lambda: ()
+        self._live: Callable[[], dict[str, set[str]]] = dict
+        self.open_connections = 0
+
+        r = registry
+        self.requests_total = Counter(
+            "bascule_requests_total", "Requests answered, by route, upstream, method and "
+            "status class.", ["route", "upstream", "method", "code"], registry=r)
+        self.request_duration = Histogram(
+            "bascule_request_duration_seconds", "Time from request head to the end of the "
+            "response.", ["route", "upstream"], buckets=DURATION_BUCKETS, registry=r)
+        self.request_bytes = Counter(
+            "bascule_request_bytes_total", "Request body bytes received.", ["route"],
+            registry=r)
+        self.response_bytes = Counter(
+            "bascule_response_bytes_total", "Response body bytes sent.", ["route"],
+            registry=r)
+        self.upstream_duration = Histogram(
+            "bascule_upstream_request_duration_seconds", "Time a backend took for an "
+            "exchange, connect to end of response.", ["upstream", "backend"],
+            buckets=DURATION_BUCKETS, registry=r)
+        self.connect_errors = Counter(
+            "bascule_backend_connect_errors_total", "Failed connects to a backend.",
+            ["upstream", "backend"], registry=r)
+        self.timeouts = Counter(
+            "bascule_backend_timeouts_total", "Exchanges with a backend that timed out.",
+            ["upstream", "backend"], registry=r)
+        self.retries = Counter(
+            "bascule_retries_total", "Requests sent again to another backend or "
+            "connection.", ["upstream"], registry=r)
+        self.backend_up = Gauge(
+            "bascule_backend_up", "1 when the backend is considered healthy.",
+            ["upstream", "backend"], multiprocess_mode="livemax", registry=r)
+        self.backend_inflight = Gauge(
+            "bascule_backend_inflight", "Requests in flight to the backend.",
+            ["upstream", "backend"], multiprocess_mode="livesum", registry=r)
+        self.open_connections_gauge = Gauge(
+            "bascule_open_connections", "Open client connections.",
+            multiprocess_mode="livesum", registry=r)
+        self.cache_lookups = Counter(
+            "bascule_cache_lookups_total", "Cache lookups by result.", ["route", "result"],
+            registry=r)
+        self.cache_store_errors = Counter(
+            "bascule_cache_store_errors_total", "Cache store operations that failed.",
+            ["store"], registry=r)
+        self.discovery_updates = Counter(
+            "bascule_discovery_updates_total", "Backend sets published by discovery.",
+            ["upstream", "source"], registry=r)
+        self.discovery_errors = Counter(
+            "bascule_discovery_errors_total", "Failed discovery queries.",
+            ["upstream", "source"], registry=r)
+        self.discovery_age = Gauge(
+            "bascule_discovery_last_success_age_seconds", "Seconds since discovery last "
+            "answered successfully.", ["upstream", "source"], multiprocess_mode="livemax",
+            registry=r)
+        self.config_reloads = Counter(
+            "bascule_config_reloads_total", "Config reloads by result.", ["result"],
+            registry=r)
+        self.config_info = Gauge(
+            "bascule_config_info", "The loaded config's hash (value 1).", ["hash"],
+            multiprocess_mode="livemax", registry=r)
+        self.config_loaded = Gauge(
+            "bascule_config_loaded_timestamp_seconds", "When the running config was "
+            "loaded.", multiprocess_mode="livemax", registry=r)
+        self.build_info = Gauge(
+            "bascule_build_info", "Bascule's version (value 1).",
+            ["version", "python", "aiohttp"], multiprocess_mode="livemax", registry=r)
+        self.build_info.labels(__version__, platform.python_version(),
+                               aiohttp.__version__).set(1)
+        for result in ("success", "error"):
+            self.config_reloads.labels(result)
+
+    # -- wiring ---------------------------------------------------------------------
+
+    def watch(self, live: Callable[[], dict[str, set[str]]],
+              gauges: Callable[[], Iterable[tuple[str, str, int, bool]]]) -> None:
+        """`live`: upstream -> current backend ids; `gauges`: (upstream, backend id,
+        in-flight, healthy) for every current backend. Read at each flush."""
+        self._live = live
+        self._gauges_from = gauges
+
+    def config_loaded_now(self, config_hash: str) -> None:
+        self.config_info.labels(config_hash).set(1)
+        self.config_loaded.set(time.time())
+
+    # -- hot path: plain integer updates ---------------------------------------------
+
+    def record_request(self, route: str, upstream: str, method: str, status: int,
+                       duration: float, bytes_in: int, bytes_out: int) -> None:
+        stats = self._routes.get((route, upstream))
+        if stats is None:
+            stats = self._routes[(route, upstream)] = _RouteStats()
+        key = (method if method in METHODS else OTHER, status_class(status))
+        requests = stats.requests
+        requests[key] = requests.get(key, 0) + 1
+        stats.duration.observe(duration)
+        stats.bytes_in += bytes_in
+        stats.bytes_out += bytes_out
+
+    def backend(self, upstream: str, backend_id: str) -> _BackendStats:
+        stats = self._backends.get((upstream, backend_id))
+        if stats is None:
+            if (backend_id not in self._backend_ids
+                    and len(self._backend_ids) >= self.max_backend_series):
+                backend_id = OTHER  # cardinality cap: a huge catalog cannot explode
+            else:
+                self._backend_ids.add(backend_id)
+            stats = self._backends.get((upstream, backend_id))
+            if stats is None:
+                stats = self._backends[(upstream, backend_id)] = _BackendStats()
+        return stats
+
+    def record_retry(self, upstream: str) -> None:
+        self._retries[upstream] = self._retries.get(upstream, 0) + 1
+
+    def record_discovery(self, upstream: str, source: str, ok: bool) -> None:
+        state = self._discovery.setdefault((upstream, source), [0, 0, 0.0])
+        if ok:
+            state[0] += 1
+            state[2] = time.time()
+        else:
+            state[1] += 1
+
+    # -- flush: deltas into prometheus-client ----------------------------------------
+
+    def flush(self) -> None:
+        if not self.enabled:
+            return
+        routes, self._routes = self._routes, {}
+        for (route, upstream), stats in routes.items():
+            for (method, code), count in stats.requests.items():
+                self.requests_total.labels(route, upstream, method, code).inc(count)
+            _flush_histogram(self.request_duration.labels(route, upstream), stats.duration)
+            if stats.bytes_in:
+                self.request_bytes.labels(route).inc(stats.bytes_in)
+            if stats.bytes_out:
+                self.response_bytes.labels(route).inc(stats.bytes_out)
+        backends, self._backends = self._backends, {}
+        for (upstream, backend_id), bstats in backends.items():
+            if any(bstats.latency.counts):
+                _flush_histogram(self.upstream_duration.labels(upstream, backend_id),
+                                 bstats.latency)
+            if bstats.connect_errors:
+                self.connect_errors.labels(upstream, backend_id).inc(bstats.connect_errors)
+            if bstats.timeouts:
+                self.timeouts.labels(upstream, backend_id).inc(bstats.timeouts)
+        retries, self._retries = self._retries, {}
+        for upstream, count in retries.items():
+            self.retries.labels(upstream).inc(count)
+        now = time.time()
+        for (upstream, source), state in self._discovery.items():
+            if state[0]:
+                self.discovery_updates.labels(upstream, source).inc(state[0])
+            if state[1]:
+                self.discovery_errors.labels(upstream, source).inc(state[1])
+            state[0] = state[1] = 0
+            if state[2]:
+                self.discovery_age.labels(upstream, source).set(now - state[2])
+        self._flush_gauges()
+        self.open_connections_gauge.set(self.open_connections)
+
+    def _flush_gauges(self) -> None:
+        seen: set[tuple[str, str]] = set()
+        inflight: dict[tuple[str, str], int] = {}
+        up: dict[tuple[str, str], bool] = {}
+        for upstream, backend_id, count, healthy in self._gauges_from():
+            if backend_id not in self._backend_ids:
+                if len(self._backend_ids) >= self.max_backend_series:
+                    backend_id = OTHER
+                else:
+                    self._backend_ids.add(backend_id)
+            key = (upstream, backend_id)
+            seen.add(key)
+            inflight[key] = inflight.get(key, 0) + count
+            up[key] = up.get(key, False) or healthy
+        for key, count in inflight.items():
+            self.backend_inflight.labels(*key).set(count)
+            self.backend_up.labels(*key).set(1 if up[key] else 0)
+        # Forget departed backends in this process (the exposition filter hides
+        # their series in the other workers' files).
+        live_ids = {b for _, b in seen}
+        self._backend_ids &= live_ids | {OTHER}
+        for metric in (self.backend_inflight, self.backend_up, self.upstream_duration,
+                       self.connect_errors, self.timeouts):
+            for labels in list(metric._metrics):
+                if labels[:2] not in seen and labels[1] != OTHER:
+                    metric.remove(*labels)
+
+    # -- exposition -----------------------------------------------------------------
+
+    def exposition(self) -> bytes:
+        """The text exposition. Call flush() first, on the event loop; this part only
+        reads (the worker files in multiprocess mode) and may run in a thread."""
+        if self.multiprocess:
+            source: Any = CollectorRegistry()
+            MultiProcessCollector(source)  # type: ignore[no-untyped-call]
+        else:
+            source = self.registry
+        return generate_latest(_FilteredRegistry(source, self._live))
+
+
+def _flush_histogram(child: Histogram, local: _LocalHistogram) -> None:
+    # prometheus-client has no bulk observe: add the accumulated per-bucket counts to
+    # the child's bucket values (non-cumulative, as observe() keeps them) and its sum.
+    buckets = child._buckets
+    for i, count in enumerate(local.counts):
+        if count:
+            buckets[i].inc(count)
+    child._sum.inc(local.total)
+
+
+def multiprocess_dir_is_set() -> bool:
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
