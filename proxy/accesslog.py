@@ -32,7 +32,7 @@ class AccessRecord(NamedTuple):
     upstream: str
     backend: str
     cache: str
-    request_id: str
+    request_id: bytes
     referer: str
     user_agent: str
 
@@ -81,7 +81,7 @@ class AccessLog:
             "client": r.client, "method": r.method, "host": r.host, "path": r.path,
             "status": r.status, "bytes": r.bytes_out, "duration": round(r.duration, 6),
             "upstream": r.upstream, "backend": r.backend, "cache": r.cache,
-            "request_id": r.request_id,
+            "request_id": r.request_id.decode("latin-1"),
         }
         return json.dumps(fields, separators=(",", ":"), ensure_ascii=False)
 

@@ -111,7 +111,7 @@ class Outcome:
         self.backend = ""
         self.bytes_in = 0
         self.bytes_out = 0
-        self.request_id = ""
+        self.request_id = b""
 
 
 class Forwarder:
@@ -120,14 +120,14 @@ class Forwarder:
         self.runtime = runtime
         self.metrics = metrics or Metrics(multiprocess=False, enabled=False)
         self.access_log = access_log
-        self._id_prefix = os.urandom(8).hex()
+        self._id_prefix = os.urandom(8).hex().encode()
         self._id_counter = 0
 
-    def next_request_id(self) -> str:
+    def next_request_id(self) -> bytes:
         # Unique across workers and instances (random 64-bit prefix per worker)
         # without a getrandom() syscall per request.
         self._id_counter += 1
-        return f"{self._id_prefix}{self._id_counter:016x}"
+        return b"%s%016x" % (self._id_prefix, self._id_counter)
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         loop = self.runtime.loop
@@ -142,9 +142,10 @@ class Forwarder:
             duration = loop.time() - started
             route = outcome.route
             message = request._message
-            self.metrics.record_request(route.name if route else "", outcome.upstream,
-                                        message.method, status, duration,
-                                        outcome.bytes_in, outcome.bytes_out)
+            if self.metrics.enabled:
+                self.metrics.record_request(route.name if route else "", outcome.upstream,
+                                            message.method, status, duration,
+                                            outcome.bytes_in, outcome.bytes_out)
             access_log = self.access_log
             if access_log is not None and access_log.enabled and (
                     route is None or route.access_log):
@@ -216,8 +217,9 @@ class Forwarder:
         request_id = b""
         if server.request_id:
             client_id = headers.get("X-Request-Id") if server.trust_request_id else None
-            outcome.request_id = client_id or self.next_request_id()
-            request_id = outcome.request_id.encode("latin-1", "replace")
+            request_id = (client_id.encode("latin-1", "replace") if client_id
+                          else self.next_request_id())
+            outcome.request_id = request_id
         head_rest, client_host, head_size = build_request_head(
             message.raw_headers,
             peer=peer,
@@ -290,7 +292,9 @@ class _Exchange:
             if backend is not None:
                 latency = loop.time() - started
                 self.upstream.balancer.release(backend, latency, ok)
-                self.metrics.backend(self.upstream.name, backend.id).latency.observe(latency)
+                if self.metrics.enabled:
+                    self.metrics.backend(self.upstream.name, backend.id).latency.observe(
+                        latency)
                 self.outcome.backend = backend.id
 
     async def _connect_and_send(self) -> ResponseHead:

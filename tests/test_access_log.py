@@ -104,7 +104,7 @@ async def test_trusted_request_id_and_combined_format(tmp_path: Path) -> None:
 
 def test_writer_never_blocks_and_counts_drops(tmp_path: Path) -> None:
     log = AccessLog(str(tmp_path / "a.log"), max_pending=3, interval=60)
-    record = AccessRecord(0.0, "c", "GET", "h", "/", "1.1", 200, 0, 0.0, "u", "b", "", "i",
+    record = AccessRecord(0.0, "c", "GET", "h", "/", "1.1", 200, 0, 0.0, "u", "b", "", b"i",
                           "", "")
     for _ in range(5):
         log.log(record)  # the writer sleeps: only 3 fit, 2 are dropped, none block
