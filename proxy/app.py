@@ -12,6 +12,7 @@ from typing import Any
 
 from proxy.balancer import Balancer
 from proxy.config import Config, ServerConfig, TimeoutsConfig, UpstreamConfig
+from proxy.discovery.manager import ConsulDiscovery
 from proxy.errors import ConfigError, ConfigProblem
 from proxy.hashkey import HashKeySource
 from proxy.headers import IPNetwork
@@ -63,13 +64,19 @@ class Runtime:
     routes: RouteTable
     upstreams: dict[str, Upstream]
     trusted: tuple[IPNetwork, ...]
+    discovery: ConsulDiscovery | None = None
     file: str = ""
     config_hash: str = ""
     loaded_at: float = 0.0
     ws_session: Any = None  # aiohttp.ClientSession, made on the first WebSocket
     loop: Any = None  # the worker's event loop, set when serving starts
 
+    def unavailable_reason(self, upstream: str) -> str | None:
+        return self.discovery.unavailable_reason(upstream) if self.discovery else None
+
     async def aclose(self) -> None:
+        if self.discovery is not None:
+            await self.discovery.stop()
         self.close()
         if self.ws_session is not None:
             await self.ws_session.close()
@@ -96,12 +103,13 @@ class Runtime:
             "upstreams": {
                 name: {
                     "strategy": up.config.strategy,
-                    "discovery": {"source": "static", "stale": False,
-                                  "version": up.balancer.version},
+                    "discovery": (self.discovery and self.discovery.describe(name)) or {
+                        "source": "static", "stale": False, "version": up.balancer.version},
                     "inflight": up.balancer.inflight,
                     "backends": [
                         {"id": b.id, "address": b.address, "weight": b.weight,
-                         "healthy": b.healthy, "inflight": b.inflight, "source": "static"}
+                         "healthy": b.healthy, "inflight": b.inflight,
+                         "source": "consul" if up.config.consul else "static"}
                         for b in up.balancer.backends
                     ],
                 }
@@ -154,11 +162,12 @@ def build_runtime(config: Config, file: str) -> Runtime:
             problems.extend(exc.problems)
             continue
         balancer = Balancer(name, strategy)
+        # Consul upstreams start empty (503 with a reason) until the first answer.
         backends = tuple(
             Backend(entry.address, *entry.host_port, weight=entry.weight)
-            for entry in up.backends
+            for entry in up.backends or ()
         )
-        balancer.update(BackendSet(version=1, backends=backends))
+        balancer.update(BackendSet(version=1 if up.backends else 0, backends=backends))
         upstreams[name] = Upstream(name, up, balancer)
     if problems:
         raise ConfigError(problems)
@@ -170,8 +179,12 @@ def build_runtime(config: Config, file: str) -> Runtime:
         )
         for i, r in enumerate(config.routes)
     ])
+    discovery = (ConsulDiscovery(config, upstreams)
+                 if any(u.config.consul for u in upstreams.values()) or (
+                     config.consul.self_register is not None) else None)
     return Runtime(
         config=config, server=config.server, routes=routes, upstreams=upstreams,
+        discovery=discovery,
         trusted=config.server.trusted_networks(), file=file,
         config_hash=hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:16],
         loaded_at=time.time(),

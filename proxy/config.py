@@ -29,6 +29,9 @@ __all__ = [
     "AdminConfig",
     "BackendEntry",
     "Config",
+    "ConsulConfig",
+    "ConsulRegisterConfig",
+    "ConsulServiceConfig",
     "RouteConfig",
     "ServerConfig",
     "TimeoutsConfig",
@@ -64,7 +67,8 @@ def parse_hostport(value: str, *, default_host: str | None = None) -> tuple[str,
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False,
+                              populate_by_name=False)
 
 
 class ServerConfig(_Strict):
@@ -209,10 +213,68 @@ class TimeoutsConfig(_Strict):
     total: Duration | None = None
 
 
+class ConsulServiceConfig(_Strict):
+    """`upstreams.<name>.consul`: which Consul service feeds this upstream."""
+
+    service: str = Field(min_length=1)
+    tags: list[str] = Field(default_factory=list)
+    passing_only: bool = True
+    address: str = "service"  # "service" | "node" | a tagged address like "lan_ipv4"
+    datacenter: str | None = None
+
+
+class ConsulRegisterConfig(_Strict):
+    """`[consul.register]`: Bascule registers itself, with an HTTP check on the admin
+    /healthz, and deregisters on graceful shutdown."""
+
+    name: str = "bascule"
+    id: str | None = None  # default "<name>-<hostname>-<port>"
+    address: str | None = None  # default: the agent's node address
+    port: int | None = Field(default=None, ge=1, le=65535)  # default: first listen port
+    tags: list[str] = Field(default_factory=list)
+    check_interval: Duration = 10.0
+    deregister_critical_after: Duration = 60.0
+
+
+class ConsulConfig(_Strict):
+    address: str | None = None  # default: CONSUL_HTTP_ADDR, else http://127.0.0.1:8500
+    token_file: str | None = None  # default: CONSUL_HTTP_TOKEN
+    datacenter: str = ""
+    consistency: Literal["default", "stale", "consistent"] = "default"
+    max_stale: Duration = 10.0
+    wait: Duration = 300.0
+    ca_file: str | None = None
+    startup_wait: Duration = 5.0
+    # `register` would shadow ABCMeta.register on the model class: aliased.
+    self_register: ConsulRegisterConfig | None = Field(default=None, alias="register")
+
+    @field_validator("wait")
+    @classmethod
+    def _wait(cls, value: float) -> float:
+        if not 1.0 <= value <= 600.0:
+            raise ValueError("must be between 1s and 10m (Consul's limit)")
+        return value
+
+    @field_validator("token_file", "ca_file")
+    @classmethod
+    def _file(cls, value: str | None) -> str | None:
+        if value and not os.path.isfile(value):
+            raise ValueError(f"file not found: {value!r}")
+        return value or None
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError(f'must start with "http://" or "https://", got {value!r}')
+        return value
+
+
 class UpstreamConfig(_Strict):
-    backends: list[Annotated[BackendEntry, BeforeValidator(_backend_entry)]] = Field(
-        min_length=1
+    backends: list[Annotated[BackendEntry, BeforeValidator(_backend_entry)]] | None = Field(
+        default=None, min_length=1
     )
+    consul: ConsulServiceConfig | None = None
     strategy: str = "round_robin"
     strategy_options: dict[str, Any] = Field(default_factory=dict)
     timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
@@ -226,6 +288,7 @@ class Config(_Strict):
     admin: AdminConfig = Field(default_factory=AdminConfig)
     routes: list[RouteConfig] = Field(min_length=1)
     upstreams: dict[str, UpstreamConfig] = Field(min_length=1)
+    consul: ConsulConfig = Field(default_factory=ConsulConfig)
 
 
 def _format_loc(loc: tuple[int | str, ...]) -> str:
@@ -283,6 +346,13 @@ def _cross_check(data: dict[str, Any], file: str) -> list[ConfigProblem]:
         else:
             seen[key] = i
     for name, upstream in (upstreams.items() if isinstance(upstreams, dict) else []):
+        if isinstance(upstream, dict):
+            has_backends, has_consul = "backends" in upstream, "consul" in upstream
+            if has_backends == has_consul:
+                problems.append(ConfigProblem(
+                    file, f"upstreams.{name}",
+                    "set either backends or consul, not both" if has_backends
+                    else "needs backends (a static list) or consul (a service to watch)"))
         backends = upstream.get("backends") if isinstance(upstream, dict) else None
         if not isinstance(backends, list):
             continue

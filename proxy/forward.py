@@ -21,6 +21,7 @@ from proxy.app import Runtime, Upstream
 from proxy.errors import (
     BasculeError,
     BodyTooLarge,
+    NoBackendError,
     NoRouteError,
     UpstreamConnectError,
     UpstreamProtocolError,
@@ -239,6 +240,10 @@ class Forwarder:
             outcome.bytes_in = length
         try:
             return await exchange.run()
+        except NoBackendError:
+            reason = runtime.unavailable_reason(upstream.name)
+            text = NoBackendError.public_message
+            return error_response(503, f"{text}: {reason}" if reason else text)
         except BasculeError as exc:
             return error_response(exc.status, exc.public_message,
                                   close=exc.status in (408, 413))

@@ -231,10 +231,13 @@ class Metrics:
     def record_retry(self, upstream: str) -> None:
         self._retries[upstream] = self._retries.get(upstream, 0) + 1
 
-    def record_discovery(self, upstream: str, source: str, ok: bool) -> None:
+    def record_discovery(self, upstream: str, source: str, ok: bool,
+                         changed: bool = True) -> None:
+        """A discovery answer (`ok`; `changed` when it published a new set) or a
+        failed query."""
         state = self._discovery.setdefault((upstream, source), [0, 0, 0.0])
         if ok:
-            state[0] += 1
+            state[0] += 1 if changed else 0
             state[2] = time.time()
         else:
             state[1] += 1

@@ -197,8 +197,16 @@ class Edge:
         self.metrics.watch(lambda: self.forwarder.runtime.live_backends(),
                            lambda: self.forwarder.runtime.backend_gauges())
         self.metrics.config_loaded_now(runtime.config_hash)
-        for name in runtime.upstreams:
-            self.metrics.record_discovery(name, "static", ok=True)
+        for name, upstream in runtime.upstreams.items():
+            if upstream.config.consul is None:
+                self.metrics.record_discovery(name, "static", ok=True)
+        if runtime.discovery is not None:
+            await runtime.discovery.start(
+                self.metrics, register=self.worker_id <= 1,
+                admin_address=parse_hostport(runtime.config.admin.listen,
+                                              default_host="0.0.0.0"),
+                public_port=parse_hostport(runtime.server.listen[0],
+                                           default_host="0.0.0.0")[1])
         for address in runtime.server.listen:
             self.listeners.append(await loop.create_server(
                 self.server, sock=listen_socket(address), backlog=1024))
@@ -254,6 +262,9 @@ class Edge:
     async def drain(self, timeout: float) -> None:
         """Stop accepting, let in-flight requests finish (up to timeout), close."""
         self.draining = True
+        discovery = self.forwarder.runtime.discovery
+        if discovery is not None:
+            await discovery.stop()  # deregisters first, so Consul stops sending us traffic
         for listener in self.listeners:
             listener.close()
         # Idle keep-alive connections close now; busy ones after their response.
