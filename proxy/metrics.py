@@ -115,7 +115,8 @@ class Metrics:
         self._backends: dict[tuple[str, str], _BackendStats] = {}
         self._backend_ids: set[str] = set()
         self._retries: dict[str, int] = {}
-        self._discovery: dict[tuple[str, str], list[float]] = {}  # -> [updates, errors, ts]
+        # (upstream, source) -> [updates, errors, last success time, stale]
+        self._discovery: dict[tuple[str, str], list[float]] = {}
         self._gauges_from: Callable[[], Iterable[tuple[str, str, int, bool]]] = lambda: ()
         self._live: Callable[[], dict[str, set[str]]] = dict
         self.open_connections = 0
@@ -171,6 +172,10 @@ class Metrics:
             "bascule_discovery_last_success_age_seconds", "Seconds since discovery last "
             "answered successfully.", ["upstream", "source"], multiprocess_mode="livemax",
             registry=r)
+        self.discovery_stale = Gauge(
+            "bascule_discovery_stale", "1 while the upstream serves its last known good "
+            "backend set because discovery is failing.", ["upstream", "source"],
+            multiprocess_mode="livemax", registry=r)
         self.config_reloads = Counter(
             "bascule_config_reloads_total", "Config reloads by result.", ["result"],
             registry=r)
@@ -235,12 +240,14 @@ class Metrics:
                          changed: bool = True) -> None:
         """A discovery answer (`ok`; `changed` when it published a new set) or a
         failed query."""
-        state = self._discovery.setdefault((upstream, source), [0, 0, 0.0])
+        state = self._discovery.setdefault((upstream, source), [0, 0, 0.0, 0])
         if ok:
             state[0] += 1 if changed else 0
             state[2] = time.time()
+            state[3] = 0
         else:
             state[1] += 1
+            state[3] = 1
 
     # -- flush: deltas into prometheus-client ----------------------------------------
 
@@ -277,6 +284,7 @@ class Metrics:
             state[0] = state[1] = 0
             if state[2]:
                 self.discovery_age.labels(upstream, source).set(now - state[2])
+            self.discovery_stale.labels(upstream, source).set(state[3])
         self._flush_gauges()
         self.open_connections_gauge.set(self.open_connections)
 

@@ -182,10 +182,14 @@ async def test_consul_down_keeps_last_known_good_then_recovers(
                 assert await fetch(edge, session) == (200, "a")
             _, samples = await _metrics(edge)
             assert samples.get(("bascule_discovery_errors_total", "web"), 0) >= 1
+            assert samples.get(("bascule_discovery_stale", "web")) == 1
             await consul.start()
             await consul.add("web", "web-b", backends["b"])
             await eventually(lambda: _stale(edge, False), timeout=10)
             await eventually(lambda: _backend_ids(edge, ["agent/web-a", "agent/web-b"]))
+            _, samples = await _metrics(edge)
+            assert samples.get(("bascule_discovery_stale", "web")) == 0
+            assert samples.get(("bascule_discovery_updates_total", "web")) == 2
     finally:
         await edge.drain(1.0)
 
