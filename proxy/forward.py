@@ -150,14 +150,10 @@ class Forwarder:
             access_log = self.access_log
             if access_log is not None and access_log.enabled and (
                     route is None or route.access_log):
-                headers = message.headers
                 access_log.log(AccessRecord(
                     time.time() - duration, request.protocol.peer,  # type: ignore[attr-defined]
-                    message.method, headers.get("Host", ""), message.path,
-                    f"{message.version[0]}.{message.version[1]}", status,
-                    outcome.bytes_out, duration, outcome.upstream, outcome.backend, "",
-                    outcome.request_id, headers.get("Referer", ""),
-                    headers.get("User-Agent", "")))
+                    message, status, outcome.bytes_out, duration, outcome.upstream,
+                    outcome.backend, "", outcome.request_id))
 
     async def _handle(self, request: web.BaseRequest, outcome: Outcome) -> web.StreamResponse:
         runtime = self.runtime

@@ -104,8 +104,13 @@ async def test_trusted_request_id_and_combined_format(tmp_path: Path) -> None:
 
 def test_writer_never_blocks_and_counts_drops(tmp_path: Path) -> None:
     log = AccessLog(str(tmp_path / "a.log"), max_pending=3, interval=60)
-    record = AccessRecord(0.0, "c", "GET", "h", "/", "1.1", 200, 0, 0.0, "u", "b", "", b"i",
-                          "", "")
+    from aiohttp.http_parser import RawRequestMessage
+    from multidict import CIMultiDict, CIMultiDictProxy
+    from yarl import URL
+
+    message = RawRequestMessage("GET", "/", (1, 1), CIMultiDictProxy(CIMultiDict()), (),
+                                False, None, False, False, URL("/"))
+    record = AccessRecord(0.0, "c", message, 200, 0, 0.0, "u", "b", "", b"i")
     for _ in range(5):
         log.log(record)  # the writer sleeps: only 3 fit, 2 are dropped, none block
     assert log.dropped == 2
