@@ -50,6 +50,7 @@ class _EdgeProtocol(RequestHandler):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.head_started = 0.0
+        self.timed_out = False
         self.peer = ""
         self.metrics: Metrics | None = None
 
@@ -62,6 +63,8 @@ class _EdgeProtocol(RequestHandler):
         self.head_started = self._loop.time()
 
     def data_received(self, data: bytes) -> None:
+        if self.timed_out:
+            return  # answered 408: what still arrives is read and dropped
         if not self.head_started and not self._request_in_progress and not self._messages:
             self.head_started = self._loop.time()
         super().data_received(data)
@@ -80,13 +83,18 @@ class _EdgeProtocol(RequestHandler):
             self._request_in_progress or self._messages)
 
     def close_with_408(self) -> None:
+        """408, then a lingering close: our side is shut at once, but the socket stays
+        open a moment to swallow what the client is still sending — closing it with
+        unread data would make the kernel send a reset that can destroy the 408."""
         self.head_started = 0.0
         transport = self.transport
-        if transport is not None and not transport.is_closing():
-            transport.write(_TIMEOUT_408)
-        self.force_close()
-        if transport is not None:
-            transport.close()
+        if transport is None or transport.is_closing():
+            return
+        self.timed_out = True
+        transport.write(_TIMEOUT_408)
+        if transport.can_write_eof():
+            transport.write_eof()
+        self._loop.call_later(1.0, self.force_close)
 
     def handle_error(
         self, request: Any, status: int = 500, exc: BaseException | None = None,
@@ -280,8 +288,10 @@ class Edge:
         self.access_log.close()
 
 
-async def serve_worker(runtime: Runtime, worker_id: int) -> None:
-    """Serve until SIGTERM/SIGINT, then drain in-flight requests (graceful_timeout)."""
+async def serve_worker(runtime: Runtime, worker_id: int,
+                       stop_requested: list[int] | None = None) -> None:
+    """Serve until SIGTERM/SIGINT, then drain in-flight requests (graceful_timeout).
+    `stop_requested` holds signals that arrived before the loop's handlers existed."""
     loop = asyncio.get_running_loop()
     cfg = runtime.server
     edge = Edge(runtime, multiprocess_metrics=multiprocess_dir_is_set(), worker_id=worker_id)
@@ -289,6 +299,8 @@ async def serve_worker(runtime: Runtime, worker_id: int) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if stop_requested:
+        stop.set()
     loop.add_signal_handler(signal.SIGHUP, lambda: log.warning(
         "worker %d: SIGHUP received; live reload is not implemented yet", worker_id))
     log.info("worker %d serving on %s", worker_id, ", ".join(cfg.listen))

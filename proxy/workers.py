@@ -29,8 +29,12 @@ log = logging.getLogger("bascule.workers")
 
 
 def _worker_main(config: Config, file: str, worker_id: int) -> int:
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_DFL)
+    # A stop can arrive while the worker is still starting: remember it, and the
+    # worker drains (nothing yet) and exits 0 as soon as it is up.
+    stop_requested: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _frame: stop_requested.append(signum))
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         runtime = build_runtime(config, file)
         loop_factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop
@@ -45,7 +49,7 @@ def _worker_main(config: Config, file: str, worker_id: int) -> int:
         gc.freeze()
         gc.set_threshold(50_000, 20, 20)
         with asyncio.Runner(loop_factory=loop_factory) as runner:
-            runner.run(serve_worker(runtime, worker_id))
+            runner.run(serve_worker(runtime, worker_id, stop_requested))
         return 0
     except Exception:
         log.exception("worker %d failed", worker_id)
