@@ -55,12 +55,17 @@ async def send_fresh_connections(port: int, count: int) -> None:
             assert resp.status == 200
 
 
-async def worker_pids(admin: int, tries: int = 40) -> set[int]:
-    pids = set()
-    for _ in range(tries):
+async def worker_pids(admin: int, want: int, timeout: float = 15.0) -> set[int]:
+    """Worker pids seen answering /status on fresh connections, until `want` were
+    seen (workers that are still starting up join the port a little later)."""
+    pids: set[int] = set()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while len(pids) < want and loop.time() < deadline:
         async with aiohttp.ClientSession() as session, session.get(
                 f"http://127.0.0.1:{admin}/status") as resp:
             pids.add((await resp.json())["pid"])
+        await asyncio.sleep(0.01)
     return pids
 
 
@@ -95,7 +100,7 @@ async def test_two_workers_one_sum(tmp_path: Path, procs: list[subprocess.Popen[
     await asyncio.to_thread(wait_port, port)
     await asyncio.to_thread(wait_port, admin)
     assert await asyncio.to_thread(poll, lambda: len(children_of(proc.pid)) == 2, 10)
-    assert len(await worker_pids(admin)) == 2  # both workers answer the admin port
+    assert len(await worker_pids(admin, 2)) == 2  # both workers answer the admin port
 
     await send_fresh_connections(port, 40)
     text = await scrape_until(admin, 40)
