@@ -25,6 +25,8 @@ from tests.helpers import (
 async def query(session: aiohttp.ClientSession, port: int, promql: str) -> float | None:
     async with session.get(f"http://127.0.0.1:{port}/api/v1/query",
                            params={"query": promql}) as resp:
+        if resp.status == 503:
+            return None  # Prometheus is still starting up
         data = await resp.json()
     result = data["data"]["result"]
     return float(result[0]["value"][1]) if result else None
