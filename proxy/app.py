@@ -70,6 +70,7 @@ class Runtime:
     loaded_at: float = 0.0
     ws_session: Any = None  # aiohttp.ClientSession, made on the first WebSocket
     loop: Any = None  # the worker's event loop, set when serving starts
+    active: int = 0  # requests being handled on this runtime (a reload waits for 0)
 
     def unavailable_reason(self, upstream: str) -> str | None:
         return self.discovery.unavailable_reason(upstream) if self.discovery else None

@@ -87,6 +87,7 @@ class ServerConfig(_Strict):
     access_log_format: Literal["json", "combined"] = "json"
     request_id: bool = True
     trust_request_id: bool = False
+    watch_config: bool = False
 
     @field_validator("access_log")
     @classmethod

@@ -131,15 +131,20 @@ class Forwarder:
         return b"%s%016x" % (self._id_prefix, self._id_counter)
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        loop = self.runtime.loop
+        # One runtime for the whole request: a reload swaps self.runtime, and this
+        # request finishes on the runtime it started with.
+        runtime = self.runtime
+        loop = runtime.loop
         started = loop.time()
         outcome = Outcome()
         status = 499  # as nginx logs a client that went away before the response
+        runtime.active += 1
         try:
-            response = await self._handle(request, outcome)
+            response = await self._handle(request, outcome, runtime)
             status = response.status
             return response
         finally:
+            runtime.active -= 1
             duration = loop.time() - started
             route = outcome.route
             message = request._message
@@ -155,8 +160,8 @@ class Forwarder:
                     message, status, outcome.bytes_out, duration, outcome.upstream,
                     outcome.backend, "", outcome.request_id))
 
-    async def _handle(self, request: web.BaseRequest, outcome: Outcome) -> web.StreamResponse:
-        runtime = self.runtime
+    async def _handle(self, request: web.BaseRequest, outcome: Outcome,
+                      runtime: Runtime) -> web.StreamResponse:
         # The parsed message (aiohttp's RawRequestMessage) is read directly: the
         # request's convenience properties re-derive the same values per access.
         message = request._message

@@ -233,6 +233,9 @@ class Metrics:
                 stats = self._backends[(upstream, backend_id)] = _BackendStats()
         return stats
 
+    def record_reload(self, ok: bool) -> None:
+        self.config_reloads.labels("success" if ok else "error").inc()
+
     def record_retry(self, upstream: str) -> None:
         self._retries[upstream] = self._retries.get(upstream, 0) + 1
 

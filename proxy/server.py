@@ -6,6 +6,7 @@ one worker's lifecycle (listen, serve, drain on SIGTERM)."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import signal
@@ -24,6 +25,7 @@ from proxy.app import Runtime, sweep_forever
 from proxy.config import parse_hostport
 from proxy.forward import Forwarder
 from proxy.metrics import Metrics, multiprocess_dir_is_set
+from proxy.reload import Reloader
 
 __all__ = ["BasculeServer", "Edge", "c_parser_in_use", "listen_socket", "serve_worker"]
 
@@ -146,6 +148,15 @@ class BasculeServer(web.Server):
         return proto
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def listen_socket(address: str) -> socket.socket:
     """A bound SO_REUSEPORT socket, so every worker process can listen on the port."""
     host, port = parse_hostport(address, default_host="0.0.0.0")
@@ -166,9 +177,18 @@ class Edge:
     background duties (idle-pool sweeping, metrics flushing)."""
 
     def __init__(self, runtime: Runtime, *, multiprocess_metrics: bool = False,
-                 worker_id: int = 0) -> None:
+                 worker_id: int = 0, supervised: bool = False) -> None:
         self.runtime = runtime
         self.worker_id = worker_id
+        self.supervised = supervised
+        self.reloader = Reloader(self)
+        admin_host = parse_hostport(runtime.config.admin.listen, default_host="0.0.0.0")[0]
+        self.admin_is_loopback = _is_loopback(admin_host)
+        token_file = runtime.config.admin.token_file
+        self.admin_token: str | None = None
+        if token_file:
+            with open(token_file, encoding="utf-8") as fh:
+                self.admin_token = fh.read().strip() or None
         cfg = runtime.server
         admin_cfg = runtime.config.admin
         self.metrics = Metrics(multiprocess=multiprocess_metrics,
@@ -209,12 +229,8 @@ class Edge:
             if upstream.config.consul is None:
                 self.metrics.record_discovery(name, "static", ok=True)
         if runtime.discovery is not None:
-            await runtime.discovery.start(
-                self.metrics, register=self.worker_id <= 1,
-                admin_address=parse_hostport(runtime.config.admin.listen,
-                                              default_host="0.0.0.0"),
-                public_port=parse_hostport(runtime.server.listen[0],
-                                           default_host="0.0.0.0")[1])
+            await runtime.discovery.start(self.metrics, register=self.worker_id <= 1,
+                                          **self.discovery_args())
         for address in runtime.server.listen:
             self.listeners.append(await loop.create_server(
                 self.server, sock=listen_socket(address), backlog=1024))
@@ -226,6 +242,46 @@ class Edge:
             loop.create_task(self._flush_metrics_forever()),
             loop.create_task(self.server.enforce_head_deadline()),
         ]
+        if runtime.server.watch_config and runtime.file and os.path.exists(runtime.file):
+            self._tasks.append(loop.create_task(self._watch_config(self._file_stamp())))
+
+    def discovery_args(self) -> dict[str, Any]:
+        runtime = self.forwarder.runtime
+        return {
+            "admin_address": parse_hostport(runtime.config.admin.listen,
+                                            default_host="0.0.0.0"),
+            "public_port": parse_hostport(runtime.server.listen[0],
+                                          default_host="0.0.0.0")[1],
+        }
+
+    def commit(self, new: Runtime) -> None:
+        """Swap in a prepared runtime: one assignment for the request path, plus the
+        settings aiohttp reads when it accepts a new connection."""
+        self.forwarder.runtime = new
+        cfg = new.server
+        self.server.header_timeout = cfg.request_header_timeout
+        self.server._kwargs.update(
+            keepalive_timeout=cfg.keepalive_timeout, max_line_size=cfg.max_header_size,
+            max_field_size=cfg.max_header_size, max_headers=cfg.max_headers)
+        self.metrics.config_loaded_now(new.config_hash)
+
+    def _file_stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.forwarder.runtime.file)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    async def _watch_config(self, last: tuple[int, int, int] | None,
+                            interval: float = 1.0) -> None:
+        """Reload when the file changes (polling: bind-mounted files break inotify)."""
+        while True:
+            await asyncio.sleep(interval)
+            current = self._file_stamp()
+            if current is not None and current != last:
+                last = current
+                log.info("config file changed; reloading")
+                await self.reloader.reload()
 
     @property
     def ports(self) -> list[int]:
@@ -241,11 +297,36 @@ class Edge:
             await asyncio.sleep(interval)
             self.metrics.flush()
 
+    def _may_mutate(self, request: web.BaseRequest) -> web.Response | None:
+        """Mutating endpoints need the bearer token unless the listener is loopback."""
+        if self.admin_is_loopback:
+            return None
+        if self.admin_token is None:
+            return web.Response(status=403, text="set admin.token_file to use this "
+                                "endpoint on a non-loopback admin listener\n")
+        if request.headers.get("Authorization", "") != f"Bearer {self.admin_token}":
+            return web.Response(status=401, text="bearer token required\n",
+                                headers={"WWW-Authenticate": "Bearer"})
+        return None
+
     async def _admin(self, request: web.BaseRequest) -> web.StreamResponse:
+        path = request.path
+        if path == "/reload":
+            if request.method != "POST":
+                return web.Response(status=405, text="method not allowed\n",
+                                    headers={"Allow": "POST"})
+            refusal = self._may_mutate(request)
+            if refusal is not None:
+                return refusal
+            result = await self.reloader.reload()
+            if result.changed and self.supervised:
+                # Every worker reloads: the supervisor passes SIGHUP on to all of
+                # them (this one finds its config current and does nothing more).
+                os.kill(os.getppid(), signal.SIGHUP)
+            return web.json_response(result.as_dict(), status=200 if result.ok else 400)
         if request.method not in ("GET", "HEAD"):
             return web.Response(status=405, text="method not allowed\n",
                                 headers={"Allow": "GET, HEAD"})
-        path = request.path
         if path == "/healthz":
             if self.draining:
                 return web.Response(status=503, text="draining\n")
@@ -263,6 +344,7 @@ class Edge:
             document.update({
                 "version": __version__, "worker": self.worker_id, "pid": os.getpid(),
                 "draining": self.draining, "started_at": self.started_at,
+                "reload": self.reloader.last.as_dict() if self.reloader.last else None,
             })
             return web.json_response(document)
         return web.Response(status=404, text="not found\n")
@@ -294,15 +376,16 @@ async def serve_worker(runtime: Runtime, worker_id: int,
     `stop_requested` holds signals that arrived before the loop's handlers existed."""
     loop = asyncio.get_running_loop()
     cfg = runtime.server
-    edge = Edge(runtime, multiprocess_metrics=multiprocess_dir_is_set(), worker_id=worker_id)
+    edge = Edge(runtime, multiprocess_metrics=multiprocess_dir_is_set(), worker_id=worker_id,
+                supervised=True)
     await edge.start()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if stop_requested:
         stop.set()
-    loop.add_signal_handler(signal.SIGHUP, lambda: log.warning(
-        "worker %d: SIGHUP received; live reload is not implemented yet", worker_id))
+    loop.add_signal_handler(signal.SIGHUP,
+                            lambda: loop.create_task(edge.reloader.reload()))
     log.info("worker %d serving on %s", worker_id, ", ".join(cfg.listen))
     await stop.wait()
     log.info("worker %d draining (up to %.1fs)", worker_id, cfg.graceful_timeout)

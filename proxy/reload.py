@@ -1,0 +1,138 @@
+"""Hot reload as prepare → commit (DESIGN.md §4).
+
+Prepare: parse and validate the file and build a whole new Runtime beside the running
+one (strategies, balancers, Consul watchers — which get their first answers before
+the commit). Backends whose identity is unchanged carry over their Backend objects
+(in-flight counts, health) and their warm connection pools. Commit: one assignment
+of the forwarder's runtime. Requests in flight finish on the old runtime, which is
+closed once none is left (or after graceful_timeout). Any failure in prepare changes
+nothing: the old runtime keeps serving and the error — file, key path, message — is
+logged, shown in /status and counted in bascule_config_reloads_total{result="error"}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from proxy.app import Runtime, build_runtime
+from proxy.config import load_config
+from proxy.errors import ConfigError
+from proxy.models import BackendSet
+
+__all__ = ["ReloadResult", "Reloader", "carry_over"]
+
+log = logging.getLogger("bascule.reload")
+
+# Changing these needs new sockets or processes: reported, not applied, on reload.
+_RESTART_ONLY = ("listen", "workers", "uvloop")
+
+
+@dataclass
+class ReloadResult:
+    ok: bool
+    changed: bool
+    config_hash: str
+    error: str = ""
+    warnings: list[str] = field(default_factory=list)
+    at: float = field(default_factory=time.time)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"result": "success" if self.ok else "error", "changed": self.changed,
+                "hash": self.config_hash, "error": self.error or None,
+                "warnings": self.warnings, "at": self.at}
+
+
+def carry_over(old: Runtime, new: Runtime) -> None:
+    """Keep what survives a reload: Backend objects (stats, health) and connection
+    pools of backends whose identity and pool settings are unchanged."""
+    for name, upstream in new.upstreams.items():
+        previous = old.upstreams.get(name)
+        if previous is None:
+            continue
+        known = {(b.id, b.host, b.port, b.weight): b for b in previous.balancer.backends}
+        if upstream.config.consul is None:
+            merged = tuple(known.get((b.id, b.host, b.port, b.weight), b)
+                           for b in upstream.balancer.backends)
+            upstream.balancer.backends = ()  # adopt the carried objects, not merge
+            upstream.balancer.update(BackendSet(upstream.balancer.version, merged))
+        same_pools = (previous.config.pool_size == upstream.config.pool_size
+                      and previous.config.idle_timeout == upstream.config.idle_timeout
+                      and previous.timeouts.connect == upstream.timeouts.connect)
+        if same_pools:
+            ids = {b.id for b in upstream.balancer.backends} | (
+                {b.id for b in previous.balancer.backends} if upstream.config.consul else set())
+            for backend_id in list(previous.pools):
+                if backend_id in ids:
+                    upstream.pools[backend_id] = previous.pools.pop(backend_id)
+
+
+class Reloader:
+    def __init__(self, edge: Any) -> None:
+        self.edge = edge
+        self.last: ReloadResult | None = None
+        self._lock = asyncio.Lock()
+        self._retiring: set[asyncio.Task[None]] = set()
+
+    async def reload(self) -> ReloadResult:
+        async with self._lock:  # one reload at a time; a second waits its turn
+            result = await self._reload()
+        self.last = result
+        self.edge.metrics.record_reload(result.ok)
+        return result
+
+    async def _reload(self) -> ReloadResult:
+        edge = self.edge
+        old: Runtime = edge.forwarder.runtime
+        file = old.file
+        loop = asyncio.get_running_loop()
+        try:
+            config = await loop.run_in_executor(None, load_config, file)
+            new = build_runtime(config, file)
+        except ConfigError as exc:
+            message = "; ".join(str(p) for p in exc.problems)
+            log.error("reload of %s failed, still serving config %s: %s", file,
+                      old.config_hash, message)
+            return ReloadResult(False, False, old.config_hash, message)
+        except Exception as exc:  # a broken third-party strategy must not kill us
+            log.exception("reload of %s failed", file)
+            return ReloadResult(False, False, old.config_hash, f"{type(exc).__name__}: {exc}")
+        if new.config_hash == old.config_hash:
+            return ReloadResult(True, False, old.config_hash)
+        warnings = [
+            f"server.{key} changed: takes effect after a restart"
+            for key in _RESTART_ONLY
+            if getattr(new.server, key) != getattr(old.server, key)
+        ]
+        if new.config.admin.listen != old.config.admin.listen:
+            warnings.append("admin.listen changed: takes effect after a restart")
+        for warning in warnings:
+            log.warning("reload: %s", warning)
+        new.loop = loop
+        carry_over(old, new)
+        if new.discovery is not None:
+            registered = old.discovery.registered_id if old.discovery else None
+            await new.discovery.start(edge.metrics, register=False, **edge.discovery_args())
+            if registered and old.discovery is not None:
+                # The registration moves to the new runtime: the old one must not
+                # deregister what is still us.
+                new.discovery.registered_id = registered
+                old.discovery.registered_id = None
+        # -- commit ---------------------------------------------------------------------
+        edge.commit(new)
+        log.info("reloaded %s: config %s -> %s", file, old.config_hash, new.config_hash)
+        retiring = loop.create_task(self._retire(old, new.server.graceful_timeout))
+        self._retiring.add(retiring)
+        retiring.add_done_callback(self._retiring.discard)
+        return ReloadResult(True, True, new.config_hash, warnings=warnings)
+
+    async def _retire(self, old: Runtime, timeout: float) -> None:
+        """Close the old runtime once its in-flight requests are done."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while old.active and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        await old.aclose()

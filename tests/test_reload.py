@@ -1,0 +1,268 @@
+"""Hot reload as prepare → commit: new config in, bad config changes nothing, nothing
+in flight fails, every worker follows."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from proxy.app import build_runtime
+from proxy.config import load_config
+from proxy.server import Edge
+from tests.helpers import (
+    children_of,
+    free_port,
+    poll,
+    port_of,
+    run_bascule,
+    start_backend,
+    wait_port,
+)
+
+
+def config_text(port: int, admin: int, backends: list[int], extra: str = "",
+                admin_extra: str = "", admin_host: str = "127.0.0.1") -> str:
+    listed = ", ".join(f'"127.0.0.1:{b}"' for b in backends)
+    return (f'[server]\nlisten = ["127.0.0.1:{port}"]\naccess_log = "off"\n{extra}\n'
+            f'[admin]\nlisten = "{admin_host}:{admin}"\n{admin_extra}\n'
+            f'[[routes]]\nupstream = "app"\n[upstreams.app]\nbackends = [{listed}]\n')
+
+
+async def named(name: str, delay: float = 0.0) -> tuple[int, Any]:
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        body = await request.read()
+        if delay:
+            await asyncio.sleep(delay)
+        return web.Response(text=f"{name}:{len(body)}")
+
+    _, listener = await start_backend(handler)
+    return port_of(listener), listener
+
+
+@pytest.fixture
+async def three() -> AsyncIterator[dict[str, int]]:
+    started = {n: await named(n) for n in ("a", "b", "c")}
+    yield {n: p for n, (p, _) in started.items()}
+    for _, listener in started.values():
+        listener.close()
+
+
+async def start_edge(path: Path) -> Edge:
+    edge = Edge(build_runtime(load_config(path), str(path)))
+    await edge.start()
+    return edge
+
+
+async def post_reload(edge: Edge, headers: dict[str, str] | None = None
+                      ) -> tuple[int, dict[str, Any]]:
+    async with aiohttp.ClientSession() as session, session.post(
+            f"http://127.0.0.1:{edge.admin_port}/reload", headers=headers or {}) as resp:
+        text = await resp.text()
+        return resp.status, json.loads(text) if text.startswith("{") else {"text": text}
+
+
+async def bodies(edge: Edge, count: int) -> collections.Counter[str]:
+    seen: collections.Counter[str] = collections.Counter()
+    async with aiohttp.ClientSession() as session:
+        for _ in range(count):
+            async with session.get(f"http://127.0.0.1:{edge.ports[0]}/") as resp:
+                assert resp.status == 200
+                seen[(await resp.text()).split(":")[0]] += 1
+    return seen
+
+
+async def test_reload_applies_new_backends_and_keeps_state(tmp_path: Path,
+                                                           three: dict[str, int]) -> None:
+    path = tmp_path / "b.toml"
+    port, admin = free_port(), free_port()
+    path.write_text(config_text(port, admin, [three["a"]]))
+    edge = await start_edge(path)
+    try:
+        assert await bodies(edge, 2) == {"a": 2}
+        old_backend = edge.forwarder.runtime.upstreams["app"].balancer.backends[0]
+        old_pool = edge.forwarder.runtime.upstreams["app"].pools[old_backend.id]
+        path.write_text(config_text(port, admin, [three["a"], three["b"]]))
+        status, result = await post_reload(edge)
+        assert status == 200 and result["result"] == "success" and result["changed"]
+        upstream = edge.forwarder.runtime.upstreams["app"]
+        assert upstream.balancer.backends[0] is old_backend  # stats and health carried
+        assert upstream.pools[old_backend.id] is old_pool      # warm connections kept
+        assert await bodies(edge, 4) == {"a": 2, "b": 2}
+        status, result = await post_reload(edge)  # same file: nothing to do
+        assert status == 200 and result["changed"] is False
+    finally:
+        await edge.drain(1.0)
+
+
+async def test_broken_file_changes_nothing(tmp_path: Path, three: dict[str, int]) -> None:
+    path = tmp_path / "b.toml"
+    port, admin = free_port(), free_port()
+    path.write_text(config_text(port, admin, [three["a"]]))
+    edge = await start_edge(path)
+    try:
+        before = edge.forwarder.runtime
+        path.write_text(config_text(port, admin, [three["b"]]).replace(
+            "[upstreams.app]", "[upstreams.app]\nstrategy = \"nope\""))
+        status, result = await post_reload(edge)
+        assert status == 400 and result["result"] == "error"
+        assert f"{path}: upstreams.app.strategy: unknown strategy 'nope'" in result["error"]
+        assert edge.forwarder.runtime is before
+        assert await bodies(edge, 2) == {"a": 2}
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{admin}/status") as resp:
+                reload = json.loads(await resp.read())["reload"]
+            async with session.get(f"http://127.0.0.1:{admin}/metrics") as resp:
+                metrics = await resp.text()
+        assert reload["result"] == "error" and "unknown strategy" in reload["error"]
+        assert 'bascule_config_reloads_total{result="error"} 1.0' in metrics
+    finally:
+        await edge.drain(1.0)
+
+
+async def test_reload_under_load_fails_nothing(tmp_path: Path, three: dict[str, int]) -> None:
+    slow_port, slow = await named("slow", delay=0.3)
+    path = tmp_path / "b.toml"
+    port, admin = free_port(), free_port()
+    path.write_text(config_text(port, admin, [three["a"], slow_port]))
+    edge = await start_edge(path)
+    failures: list[str] = []
+    seen: collections.Counter[str] = collections.Counter()
+    stop = asyncio.Event()
+
+    async def getter() -> None:
+        async with aiohttp.ClientSession() as session:
+            while not stop.is_set():
+                async with session.get(f"http://127.0.0.1:{port}/") as resp:
+                    text = await resp.text()
+                    if resp.status != 200:
+                        failures.append(f"GET {resp.status} {text}")
+                    seen[text.split(":")[0]] += 1
+
+    async def poster() -> None:
+        async def body() -> AsyncIterator[bytes]:
+            for _ in range(5):
+                yield b"x" * 4096
+                await asyncio.sleep(0.02)
+
+        async with aiohttp.ClientSession() as session:
+            while not stop.is_set():
+                async with session.post(f"http://127.0.0.1:{port}/", data=body()) as resp:
+                    text = await resp.text()
+                    if resp.status != 200 or not text.endswith(":20480"):
+                        failures.append(f"POST {resp.status} {text}")
+
+    tasks = [asyncio.ensure_future(getter()) for _ in range(4)] + [
+        asyncio.ensure_future(poster()) for _ in range(2)]
+    try:
+        for backends in ([three["b"], slow_port], [three["c"]], [three["a"], three["c"]],
+                         [three["c"]]):
+            await asyncio.sleep(0.2)
+            path.write_text(config_text(port, admin, backends))
+            status, result = await post_reload(edge)
+            assert status == 200 and result["changed"], result
+        await asyncio.sleep(0.4)  # requests begun before the last commit finish
+        seen.clear()
+        await asyncio.sleep(0.5)
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+        await edge.drain(2.0)
+        slow.close()
+    assert failures == []
+    assert seen["c"] > 0 and set(seen) == {"c"}  # only the last config's backend
+
+
+async def test_admin_reload_needs_token_off_loopback(tmp_path: Path,
+                                                     three: dict[str, int]) -> None:
+    token = tmp_path / "token"
+    token.write_text("t0ken\n")
+    path = tmp_path / "b.toml"
+    port, admin = free_port(), free_port()
+    path.write_text(config_text(port, admin, [three["a"]], admin_host="0.0.0.0",
+                                admin_extra=f'token_file = "{token}"'))
+    edge = await start_edge(path)
+    try:
+        status, _ = await post_reload(edge)
+        assert status == 401
+        status, _ = await post_reload(edge, {"Authorization": "Bearer wrong"})
+        assert status == 401
+        status, result = await post_reload(edge, {"Authorization": "Bearer t0ken"})
+        assert status == 200 and result["result"] == "success"
+    finally:
+        await edge.drain(1.0)
+
+
+async def test_watch_config_reloads_on_change(tmp_path: Path, three: dict[str, int]) -> None:
+    path = tmp_path / "b.toml"
+    port, admin = free_port(), free_port()
+    path.write_text(config_text(port, admin, [three["a"]], extra="watch_config = true"))
+    edge = await start_edge(path)
+    try:
+        path.write_text(config_text(port, admin, [three["b"]], extra="watch_config = true"))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while (await bodies(edge, 1)) != {"b": 1}:
+            assert loop.time() < deadline, "the changed file was not picked up"
+            await asyncio.sleep(0.1)
+    finally:
+        await edge.drain(1.0)
+
+
+async def status_hashes(admin: int, pids_wanted: int) -> dict[int, str]:
+    """config hash per worker pid, asking /status on fresh connections."""
+    hashes: dict[int, str] = {}
+    for _ in range(200):
+        async with aiohttp.ClientSession() as session, session.get(
+                f"http://127.0.0.1:{admin}/status") as resp:
+            doc = json.loads(await resp.read())
+        hashes[doc["pid"]] = doc["config"]["hash"]
+        if len(hashes) >= pids_wanted:
+            break
+    return hashes
+
+
+async def test_sighup_reloads_every_worker(tmp_path: Path, three: dict[str, int]) -> None:
+    path = tmp_path / "b.toml"
+    port, admin = free_port(), free_port()
+    path.write_text(config_text(port, admin, [three["a"]], extra="workers = 2"))
+    proc = run_bascule(path)
+    try:
+        await asyncio.to_thread(wait_port, port)
+        await asyncio.to_thread(wait_port, admin)
+        assert await asyncio.to_thread(poll, lambda: len(children_of(proc.pid)) == 2, 10)
+        first = set((await status_hashes(admin, 2)).values())
+        path.write_text(config_text(port, admin, [three["b"]], extra="workers = 2"))
+        new_hash = build_runtime(load_config(path), str(path)).config_hash
+        proc.send_signal(signal.SIGHUP)
+
+        async def agreed(want: str) -> bool:
+            hashes = await status_hashes(admin, 2)
+            return len(hashes) == 2 and set(hashes.values()) == {want}
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while not await agreed(new_hash):
+            assert loop.time() < deadline, "workers did not all reload"
+            await asyncio.sleep(0.1)
+        assert first != {new_hash}
+        # a broken file: every worker keeps the config it has
+        path.write_text("[server\n")
+        proc.send_signal(signal.SIGHUP)
+        await asyncio.sleep(1.0)
+        assert await agreed(new_hash)
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(proc.wait, 15)
+    assert proc.returncode == 0
+
+
