@@ -33,7 +33,11 @@ class Upstream:
         self.config = config
         self.balancer = balancer
         self.timeouts: TimeoutsConfig = config.timeouts
-        self.max_attempts = config.max_attempts
+        self.retry = config.retry
+        self.max_attempts = config.retry.attempts
+        self.retry_on = frozenset(c for c in config.retry.retry_on if isinstance(c, str))
+        self.retry_statuses = config.retry.retry_statuses()
+        self.retries_active = 0  # retries in flight, for the retry budget
         self.pools: dict[str, BackendPool] = {}
         # A strategy that hashes requests names its key source (`hash_on`).
         self.hash_on: HashKeySource | None = getattr(balancer.strategy, "hash_on", None)

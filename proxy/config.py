@@ -214,6 +214,42 @@ class TimeoutsConfig(_Strict):
     total: Duration | None = None
 
 
+_RETRY_CONDITIONS = {"connect-failure", "reset", "timeout", "5xx"}
+
+
+class RetryConfig(_Strict):
+    """`upstreams.<name>.retry`: when and how often a request is tried again, always
+    on another backend when there is one (Envoy's retry policy and retry budget)."""
+
+    attempts: int = Field(default=3, ge=1, le=10)  # tries in all, the first included
+    retry_on: list[str | int] = Field(
+        default_factory=lambda: list[str | int](["connect-failure", "reset"]))
+    per_try_timeout: Duration | None = None  # per attempt, until the response head
+    backoff_base: Duration = 0.025
+    backoff_max: Duration = 0.25
+    budget_percent: float = Field(default=20.0, ge=0, le=100)
+    min_retry_concurrency: int = Field(default=3, ge=0)
+    body_limit: Size = 64 * 1024  # request bodies up to this size are kept for a retry
+
+    @field_validator("retry_on")
+    @classmethod
+    def _conditions(cls, value: list[str | int]) -> list[str | int]:
+        for item in value:
+            if isinstance(item, int):
+                if not 500 <= item <= 599:
+                    raise ValueError(f"status {item} is not a 5xx code")
+            elif item not in _RETRY_CONDITIONS:
+                allowed = ", ".join(sorted(_RETRY_CONDITIONS))
+                raise ValueError(f"{item!r} is not one of {allowed} or a 5xx status code")
+        return value
+
+    def retry_statuses(self) -> frozenset[int]:
+        codes = {c for c in self.retry_on if isinstance(c, int)}
+        if "5xx" in self.retry_on:
+            codes |= set(range(500, 600))
+        return frozenset(codes)
+
+
 class ConsulServiceConfig(_Strict):
     """`upstreams.<name>.consul`: which Consul service feeds this upstream."""
 
@@ -281,7 +317,9 @@ class UpstreamConfig(_Strict):
     timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
     pool_size: int = Field(default=64, ge=0, le=100_000)
     idle_timeout: Duration = 15.0
-    max_attempts: int = Field(default=3, ge=1, le=100)
+    retry: RetryConfig = Field(default_factory=RetryConfig)
+    max_inflight: int = Field(default=0, ge=0)  # per upstream and worker; 0 = no limit
+    max_inflight_per_backend: int = Field(default=0, ge=0)
 
 
 class Config(_Strict):

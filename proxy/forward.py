@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import time
 from typing import Final
 
@@ -43,6 +44,14 @@ log = logging.getLogger("bascule.forward")
 
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 _NO_BODY_STATUS: Final = frozenset({204, 304})
+
+
+_IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+
+
+class UpstreamBusy(BasculeError):
+    status = 503
+    public_message = "upstream at capacity"
 
 
 class ClientBodyTimeout(BasculeError):
@@ -253,9 +262,9 @@ class Forwarder:
 class _Exchange:
     """State of one proxied request across its attempts."""
 
-    __slots__ = ("backend", "chunked", "client_host", "conn", "has_body", "hash_key",
-                 "head_rest", "metrics", "outcome", "pool", "request", "request_line",
-                 "route", "runtime", "upstream")
+    __slots__ = ("backend", "body_complete", "body_copy", "chunked", "client_host", "conn",
+                 "continue_sent", "has_body", "hash_key", "head_rest", "metrics", "outcome",
+                 "pool", "request", "request_line", "route", "runtime", "upstream")
 
     def __init__(
         self, request: web.BaseRequest, route: Route, upstream: Upstream, runtime: Runtime,
@@ -277,6 +286,10 @@ class _Exchange:
         self.backend: Backend | None = None
         self.pool: BackendPool | None = None
         self.conn: UpstreamConnection | None = None
+        # Request body kept for a retry while it is within retry.body_limit
+        self.body_copy: list[bytes] | None = [] if has_body else None
+        self.body_complete = False
+        self.continue_sent = False
 
     async def run(self) -> web.StreamResponse:
         loop = self.runtime.loop
@@ -304,52 +317,124 @@ class _Exchange:
                 self.outcome.backend = backend.id
 
     async def _connect_and_send(self) -> ResponseHead:
+        """Attempts on (other) backends until one answers, within the upstream's retry
+        policy and budget."""
         upstream = self.upstream
         balancer = upstream.balancer
         ctx = RequestContext(self.hash_key)
-        last_error: BasculeError = UpstreamConnectError("no attempt connected")
         stale_retry_left = True
-        attempts = 0
-        while attempts < upstream.max_attempts:
-            attempts += 1
-            self.backend = backend = balancer.lease(ctx)
-            self.pool = pool = upstream.pool_for(backend)
-            try:
-                self.conn, reused = await pool.acquire()
-            except UpstreamConnectError as exc:
-                log.warning("upstream %s: %s", upstream.name, exc)
-                balancer.release(backend, 0.0, False)
-                self.metrics.backend(upstream.name, backend.id).connect_errors += 1
-                if attempts < upstream.max_attempts:
-                    self.metrics.record_retry(upstream.name)
-                self.backend = None
-                last_error = exc
-                ctx.exclude = ctx.exclude | {backend.id}
-                continue
-            try:
-                return await self._send(backend)
-            except UpstreamProtocolError as exc:
-                conn = self.conn
-                # A pooled connection the backend closed while idle fails before a
-                # single response byte; nothing was processed, so a bodiless request
-                # is safely resent once on a fresh connection.
-                if (reused and stale_retry_left and not self.has_body
-                        and not conn.received_any):
-                    stale_retry_left = False
-                    self.metrics.record_retry(upstream.name)
-                    self._release_conn(False)
-                    balancer.release(backend, 0.0, True)
-                    self.backend = None
-                    attempts -= 1
+        attempt = 0
+        retrying = False
+        try:
+            while True:
+                attempt += 1
+                if upstream.config.max_inflight and balancer.inflight >= (
+                        upstream.config.max_inflight):
+                    raise UpstreamBusy("upstream at max_inflight")
+                self.backend = backend = balancer.lease(ctx)
+                limit = upstream.config.max_inflight_per_backend
+                if limit and backend.inflight > limit:
+                    self._drop_attempt(backend, ok=True)
+                    ctx.exclude = ctx.exclude | {backend.id}
+                    if len(ctx.exclude) >= len(balancer.backends):
+                        raise UpstreamBusy("every backend at max_inflight_per_backend")
+                    attempt -= 1
                     continue
-                log.warning("upstream %s backend %s: %s", upstream.name, backend.id, exc)
-                raise
-        raise last_error
+                self.pool = pool = upstream.pool_for(backend)
+                failure: BasculeError
+                try:
+                    self.conn, reused = await pool.acquire()
+                except UpstreamConnectError as exc:
+                    self.metrics.backend(upstream.name, backend.id).connect_errors += 1
+                    failure, kind = exc, "connect-failure"
+                else:
+                    try:
+                        head = await self._send(backend)
+                    except UpstreamProtocolError as exc:
+                        conn = self.conn
+                        assert conn is not None
+                        # A pooled connection the backend closed while idle fails
+                        # before a single response byte; nothing was processed, so a
+                        # bodiless request is safely resent once on a fresh one.
+                        if (reused and stale_retry_left and not self.has_body
+                                and not conn.received_any):
+                            stale_retry_left = False
+                            self.metrics.record_retry(upstream.name)
+                            self._drop_attempt(backend, ok=True)
+                            attempt -= 1
+                            continue
+                        if conn.received_any:
+                            raise  # part of a response came: nothing to retry safely
+                        failure, kind = exc, "reset"
+                    except UpstreamTimeout as exc:
+                        if self.conn is not None and self.conn.head_received:
+                            raise
+                        failure, kind = exc, "timeout"
+                    else:
+                        if (head.status not in upstream.retry_statuses
+                                or not self._may_retry(attempt, "status", retrying)):
+                            return head
+                        failure, kind = UpstreamProtocolError(
+                            f"backend answered {head.status}"), "status"
+                if kind != "status" and not self._may_retry(attempt, kind, retrying):
+                    log.warning("upstream %s backend %s: %s", upstream.name, backend.id,
+                                failure)
+                    raise failure
+                log.info("upstream %s backend %s: %s; retrying on another backend",
+                         upstream.name, backend.id, failure)
+                self._drop_attempt(backend, ok=False)
+                ctx.exclude = ctx.exclude | {backend.id}
+                self.metrics.record_retry(upstream.name)
+                if not retrying:
+                    retrying = True
+                    upstream.retries_active += 1
+                policy = upstream.retry
+                delay = min(policy.backoff_max, policy.backoff_base * 2 ** (attempt - 1))
+                await asyncio.sleep(delay * (0.5 + random.random() / 2))
+        finally:
+            if retrying:
+                upstream.retries_active -= 1
+
+    def _may_retry(self, attempt: int, kind: str, retrying: bool) -> bool:
+        upstream = self.upstream
+        if attempt >= upstream.max_attempts:
+            return False
+        if kind == "status":
+            if not upstream.retry_statuses:
+                return False
+        elif kind not in upstream.retry_on:
+            return False
+        # After something was sent, only idempotent requests (RFC 9110 §9.2.2) go
+        # again, and a body only when all of it was kept.
+        if kind != "connect-failure":
+            if self.request.method not in _IDEMPOTENT:
+                return False
+            if self.has_body and not self.body_complete:
+                return False
+        if not retrying:
+            # Retry budget (Envoy's): retries in flight may add at most budget_percent
+            # of the upstream's active requests, never less than min_retry_concurrency.
+            policy = upstream.retry
+            allowed = max(policy.min_retry_concurrency,
+                          policy.budget_percent / 100 * upstream.balancer.inflight)
+            if upstream.retries_active >= allowed:
+                self.metrics.record_budget_exhausted(upstream.name)
+                return False
+        return True
+
+    def _drop_attempt(self, backend: Backend, *, ok: bool) -> None:
+        if self.conn is not None:
+            self._release_conn(False)
+        self.upstream.balancer.release(backend, 0.0, ok)
+        self.backend = None
 
     async def _send(self, backend: Backend) -> ResponseHead:
         conn = self.conn
         assert conn is not None
         timeouts = self.upstream.timeouts
+        per_try = self.upstream.retry.per_try_timeout
+        head_timeout = min(per_try, timeouts.response_header) if per_try else (
+            timeouts.response_header)
         host = self.client_host if self.route.pass_host and self.client_host else (
             backend.address.encode("ascii"))
         conn.begin(self.request_line + b"Host: " + host + b"\r\n" + self.head_rest,
@@ -358,13 +443,14 @@ class _Exchange:
             conn.arm_total(timeouts.total)
         if not self.has_body:
             conn.request_sent()
-            conn.arm_timer(timeouts.response_header, "response header")
+            conn.arm_timer(head_timeout, "response header")
             return await conn.read_head()
         request = self.request
-        if (request.version >= (1, 1)
+        if (not self.continue_sent and request.version >= (1, 1)
                 and request.headers.get("Expect", "").lower() == "100-continue"):
+            self.continue_sent = True
             await request.writer.write(_CONTINUE)
-        pump = self.runtime.loop.create_task(self._send_body(conn))
+        pump = self.runtime.loop.create_task(self._send_body(conn, head_timeout))
         try:
             head = await conn.read_head()
         except BaseException:
@@ -376,12 +462,23 @@ class _Exchange:
             pump.cancel()
         return head
 
-    async def _send_body(self, conn: UpstreamConnection) -> None:
+    async def _send_body(self, conn: UpstreamConnection, head_timeout: float) -> None:
         server = self.runtime.server
         max_body = server.max_body_size
         content = self.request.content
         chunked = self.chunked
         sent = 0
+        keep = self.upstream.retry.body_limit
+        for chunk in self.body_copy or ():  # a retry: what was kept goes first
+            sent += len(chunk)
+            conn.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
+        if self.body_complete:
+            if chunked:
+                conn.write(b"0\r\n\r\n")
+            conn.request_sent()
+            if not conn.head_received:
+                conn.arm_timer(head_timeout, "response header")
+            return
         watchdog = _IdleWatchdog(self.runtime.loop, server.body_idle_timeout,
                                  self.upstream.timeouts.read_idle)
         try:
@@ -394,6 +491,12 @@ class _Exchange:
                 sent += len(chunk)
                 if max_body and sent > max_body:
                     raise BodyTooLarge("body over max_body_size")
+                copy = self.body_copy
+                if copy is not None:
+                    if sent <= keep:
+                        copy.append(chunk)
+                    else:
+                        self.body_copy = None  # too big to keep: not retryable
                 if chunked:
                     conn.write(b"%x\r\n" % len(chunk))
                     conn.write(chunk)
@@ -406,9 +509,10 @@ class _Exchange:
             if chunked:
                 conn.write(b"0\r\n\r\n")
             self.outcome.bytes_in = sent
+            self.body_complete = self.body_copy is not None
             conn.request_sent()
             if not conn.head_received:
-                conn.arm_timer(self.upstream.timeouts.response_header, "response header")
+                conn.arm_timer(head_timeout, "response header")
         except asyncio.CancelledError:
             if watchdog.fired == 0:
                 conn.abort(ClientBodyTimeout("client body idle timeout"))

@@ -115,6 +115,7 @@ class Metrics:
         self._backends: dict[tuple[str, str], _BackendStats] = {}
         self._backend_ids: set[str] = set()
         self._retries: dict[str, int] = {}
+        self._budget_exhausted: dict[str, int] = {}
         # (upstream, source) -> [updates, errors, last success time, stale]
         self._discovery: dict[tuple[str, str], list[float]] = {}
         self._gauges_from: Callable[[], Iterable[tuple[str, str, int, bool]]] = lambda: ()
@@ -147,6 +148,9 @@ class Metrics:
         self.retries = Counter(
             "bascule_retries_total", "Requests sent again to another backend or "
             "connection.", ["upstream"], registry=r)
+        self.retry_budget_exhausted = Counter(
+            "bascule_retry_budget_exhausted_total", "Retries not made because the retry "
+            "budget was used up.", ["upstream"], registry=r)
         self.backend_up = Gauge(
             "bascule_backend_up", "1 when the backend is considered healthy.",
             ["upstream", "backend"], multiprocess_mode="livemax", registry=r)
@@ -236,6 +240,9 @@ class Metrics:
     def record_reload(self, ok: bool) -> None:
         self.config_reloads.labels("success" if ok else "error").inc()
 
+    def record_budget_exhausted(self, upstream: str) -> None:
+        self._budget_exhausted[upstream] = self._budget_exhausted.get(upstream, 0) + 1
+
     def record_retry(self, upstream: str) -> None:
         self._retries[upstream] = self._retries.get(upstream, 0) + 1
 
@@ -278,6 +285,9 @@ class Metrics:
         retries, self._retries = self._retries, {}
         for upstream, count in retries.items():
             self.retries.labels(upstream).inc(count)
+        exhausted, self._budget_exhausted = self._budget_exhausted, {}
+        for upstream, count in exhausted.items():
+            self.retry_budget_exhausted.labels(upstream).inc(count)
         now = time.time()
         for (upstream, source), state in self._discovery.items():
             if state[0]:

@@ -47,7 +47,7 @@ backends = ["127.0.0.1:{a}", "127.0.0.1:{b}"]
 
 [upstreams.dead]
 backends = ["127.0.0.1:{dead}"]
-max_attempts = 2
+retry = {{ attempts = 2 }}
 """)
     yield edge
     await edge.drain(1.0)
