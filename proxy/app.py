@@ -16,6 +16,7 @@ from proxy.discovery.manager import ConsulDiscovery
 from proxy.errors import ConfigError, ConfigProblem
 from proxy.hashkey import HashKeySource
 from proxy.headers import IPNetwork
+from proxy.health import HealthMonitor
 from proxy.loader import STRATEGY_GROUP, load
 from proxy.models import Backend, BackendSet
 from proxy.routing import Route, RouteTable
@@ -39,6 +40,7 @@ class Upstream:
         self.retry_statuses = config.retry.retry_statuses()
         self.retries_active = 0  # retries in flight, for the retry budget
         self.pools: dict[str, BackendPool] = {}
+        self.health = HealthMonitor(name, config, balancer)
         # A strategy that hashes requests names its key source (`hash_on`).
         self.hash_on: HashKeySource | None = getattr(balancer.strategy, "hash_on", None)
 
@@ -80,6 +82,8 @@ class Runtime:
         return self.discovery.unavailable_reason(upstream) if self.discovery else None
 
     async def aclose(self) -> None:
+        for upstream in self.upstreams.values():
+            await upstream.health.stop()
         if self.discovery is not None:
             await self.discovery.stop()
         self.close()
@@ -111,10 +115,12 @@ class Runtime:
                     "discovery": (self.discovery and self.discovery.describe(name)) or {
                         "source": "static", "stale": False, "version": up.balancer.version},
                     "inflight": up.balancer.inflight,
+                    "panic": up.balancer.panic,
                     "backends": [
                         {"id": b.id, "address": b.address, "weight": b.weight,
                          "healthy": b.healthy, "inflight": b.inflight,
-                         "source": "consul" if up.config.consul else "static"}
+                         "source": "consul" if up.config.consul else "static",
+                         "ramp": round(b.ramp, 3), "health": up.health.describe(b)}
                         for b in up.balancer.backends
                     ],
                 }

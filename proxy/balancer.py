@@ -18,6 +18,8 @@ class Balancer:
         self.backends: tuple[Backend, ...] = ()
         self.version = 0
         self.inflight = 0
+        self.panic = False  # set by the health monitor: too few healthy backends
+        self._panic_next = 0
         self._observer = strategy if isinstance(strategy, ObservingStrategy) else None
 
     def update(self, backend_set: BackendSet) -> None:
@@ -33,7 +35,7 @@ class Balancer:
 
     def lease(self, ctx: RequestContext) -> Backend:
         ctx.upstream_inflight = self.inflight
-        backend = self.strategy.pick(ctx)
+        backend = self._panic_pick(ctx) if self.panic else self.strategy.pick(ctx)
         backend.inflight += 1
         self.inflight += 1
         return backend
@@ -43,6 +45,19 @@ class Balancer:
         self.inflight -= 1
         if self._observer is not None:
             self._observer.observe(backend, latency_s, ok)
+
+    def _panic_pick(self, ctx: RequestContext) -> Backend:
+        """Panic mode: round robin over every backend, healthy or not (excluding the
+        ones this request already tried when others remain)."""
+        backends = self.backends
+        if not backends:
+            return self.strategy.pick(ctx)
+        for _ in range(len(backends)):
+            self._panic_next = (self._panic_next + 1) % len(backends)
+            backend = backends[self._panic_next]
+            if backend.id not in ctx.exclude:
+                return backend
+        return backends[self._panic_next]
 
     def by_id(self) -> dict[str, Backend]:
         return {b.id: b for b in self.backends}

@@ -307,6 +307,45 @@ class ConsulConfig(_Strict):
         return value
 
 
+class HealthConfig(_Strict):
+    """`upstreams.<name>.health`: active checks. A backend must pass them (and, for a
+    Consul upstream, Consul's own checks) to receive traffic."""
+
+    path: str = "/"
+    interval: Duration = 5.0
+    timeout: Duration = 2.0
+    expected_statuses: list[int | str] = Field(default_factory=lambda: list[int | str](
+        ["2xx", "3xx"]))
+    host: str | None = None
+    rise: int = Field(default=2, ge=1, le=100)
+    fall: int = Field(default=3, ge=1, le=100)
+    jitter: Duration = 0.5
+
+    @field_validator("expected_statuses")
+    @classmethod
+    def _statuses(cls, value: list[int | str]) -> list[int | str]:
+        for item in value:
+            ok = (isinstance(item, int) and 100 <= item <= 599) or (
+                isinstance(item, str) and len(item) == 3 and item[0] in "12345"
+                and item[1:] == "xx")
+            if not ok:
+                raise ValueError(f'{item!r} is not a status code or class like "2xx"')
+        return value
+
+    def accepts(self, status: int) -> bool:
+        return any(status == s if isinstance(s, int) else str(status)[0] == s[0]
+                   for s in self.expected_statuses)
+
+
+class OutlierConfig(_Strict):
+    """`upstreams.<name>.outlier`: passive outlier detection (Envoy's)."""
+
+    consecutive_failures: int = Field(default=5, ge=0)  # 5xx or connect failures; 0: off
+    base_ejection_time: Duration = 30.0
+    max_ejection_time: Duration = 300.0
+    max_ejection_percent: int = Field(default=50, ge=0, le=100)
+
+
 class UpstreamConfig(_Strict):
     backends: list[Annotated[BackendEntry, BeforeValidator(_backend_entry)]] | None = Field(
         default=None, min_length=1
@@ -318,6 +357,12 @@ class UpstreamConfig(_Strict):
     pool_size: int = Field(default=64, ge=0, le=100_000)
     idle_timeout: Duration = 15.0
     retry: RetryConfig = Field(default_factory=RetryConfig)
+    health: HealthConfig | None = None
+    outlier: OutlierConfig = Field(default_factory=OutlierConfig)
+    # Below this share of healthy backends, balance over all of them (Envoy's panic
+    # threshold) rather than overload the survivors or fail everything.
+    panic_threshold: int = Field(default=50, ge=0, le=100)
+    slow_start: Duration = 0.0
     max_inflight: int = Field(default=0, ge=0)  # per upstream and worker; 0 = no limit
     max_inflight_per_backend: int = Field(default=0, ge=0)
 

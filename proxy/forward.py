@@ -346,6 +346,7 @@ class _Exchange:
                     self.conn, reused = await pool.acquire()
                 except UpstreamConnectError as exc:
                     self.metrics.backend(upstream.name, backend.id).connect_errors += 1
+                    upstream.health.record(backend, failed=True)
                     failure, kind = exc, "connect-failure"
                 else:
                     try:
@@ -363,14 +364,18 @@ class _Exchange:
                             self._drop_attempt(backend, ok=True)
                             attempt -= 1
                             continue
+                        upstream.health.record(backend, failed=True)
                         if conn.received_any:
                             raise  # part of a response came: nothing to retry safely
                         failure, kind = exc, "reset"
                     except UpstreamTimeout as exc:
+                        upstream.health.record(backend, failed=True)
                         if self.conn is not None and self.conn.head_received:
                             raise
                         failure, kind = exc, "timeout"
                     else:
+                        # passive outlier detection: 5xx counts as a failure
+                        upstream.health.record(backend, failed=head.status >= 500)
                         if (head.status not in upstream.retry_statuses
                                 or not self._may_retry(attempt, "status", retrying)):
                             return head

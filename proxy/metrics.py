@@ -151,6 +151,9 @@ class Metrics:
         self.retry_budget_exhausted = Counter(
             "bascule_retry_budget_exhausted_total", "Retries not made because the retry "
             "budget was used up.", ["upstream"], registry=r)
+        self.state_changes = Counter(
+            "bascule_backend_state_changes_total", "Backends going up or down (health "
+            "checks, outlier ejection).", ["upstream", "backend", "state"], registry=r)
         self.backend_up = Gauge(
             "bascule_backend_up", "1 when the backend is considered healthy.",
             ["upstream", "backend"], multiprocess_mode="livemax", registry=r)
@@ -240,6 +243,16 @@ class Metrics:
     def record_reload(self, ok: bool) -> None:
         self.config_reloads.labels("success" if ok else "error").inc()
 
+    def record_state_change(self, upstream: str, backend: str, state: str,
+                            reason: str = "") -> None:
+        self.state_changes.labels(upstream, self._backend_label(backend), state).inc()
+
+    def _backend_label(self, backend_id: str) -> str:
+        if backend_id in self._backend_ids or len(self._backend_ids) < self.max_backend_series:
+            self._backend_ids.add(backend_id)
+            return backend_id
+        return OTHER
+
     def record_budget_exhausted(self, upstream: str) -> None:
         self._budget_exhausted[upstream] = self._budget_exhausted.get(upstream, 0) + 1
 
@@ -323,7 +336,7 @@ class Metrics:
         live_ids = {b for _, b in seen}
         self._backend_ids &= live_ids | {OTHER}
         for metric in (self.backend_inflight, self.backend_up, self.upstream_duration,
-                       self.connect_errors, self.timeouts):
+                       self.connect_errors, self.timeouts, self.state_changes):
             for labels in list(metric._metrics):
                 if labels[:2] not in seen and labels[1] != OTHER:
                     metric.remove(*labels)

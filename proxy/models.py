@@ -12,7 +12,7 @@ class Backend:
     counters are mutable runtime state kept by the balancer's lease, so they survive
     discovery updates that keep the backend's identity."""
 
-    __slots__ = ("healthy", "host", "id", "inflight", "port", "weight")
+    __slots__ = ("healthy", "host", "id", "inflight", "port", "ramp", "weight")
 
     def __init__(self, id: str, host: str, port: int, weight: int = 1) -> None:
         self.id = id
@@ -21,6 +21,8 @@ class Backend:
         self.weight = weight
         self.inflight = 0
         self.healthy = True
+        # Slow start: share of its weight a (re)admitted backend gets while it warms up
+        self.ramp = 1.0
 
     @property
     def address(self) -> str:

@@ -59,6 +59,11 @@ def carry_over(old: Runtime, new: Runtime) -> None:
                            for b in upstream.balancer.backends)
             upstream.balancer.backends = ()  # adopt the carried objects, not merge
             upstream.balancer.update(BackendSet(upstream.balancer.version, merged))
+        # Health history (ejections, check counters) stays with the backend ids.
+        upstream.health.states.update(
+            {k: v for k, v in previous.health.states.items()
+             if any(b.id == k for b in upstream.balancer.backends)})
+        upstream.balancer.panic = previous.balancer.panic
         same_pools = (previous.config.pool_size == upstream.config.pool_size
                       and previous.config.idle_timeout == upstream.config.idle_timeout
                       and previous.timeouts.connect == upstream.timeouts.connect)
@@ -113,6 +118,7 @@ class Reloader:
             log.warning("reload: %s", warning)
         new.loop = loop
         carry_over(old, new)
+        edge.start_health(new)
         if new.discovery is not None:
             registered = old.discovery.registered_id if old.discovery else None
             await new.discovery.start(edge.metrics, register=False, **edge.discovery_args())

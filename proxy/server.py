@@ -228,6 +228,7 @@ class Edge:
         for name, upstream in runtime.upstreams.items():
             if upstream.config.consul is None:
                 self.metrics.record_discovery(name, "static", ok=True)
+        self.start_health(runtime)
         if runtime.discovery is not None:
             await runtime.discovery.start(self.metrics, register=self.worker_id <= 1,
                                           **self.discovery_args())
@@ -244,6 +245,12 @@ class Edge:
         ]
         if runtime.server.watch_config and runtime.file and os.path.exists(runtime.file):
             self._tasks.append(loop.create_task(self._watch_config(self._file_stamp())))
+
+    def start_health(self, runtime: Runtime) -> None:
+        loop = asyncio.get_running_loop()
+        for upstream in runtime.upstreams.values():
+            upstream.health.on_change = self.metrics.record_state_change
+            upstream.health.start(loop)
 
     def discovery_args(self) -> dict[str, Any]:
         runtime = self.forwarder.runtime

@@ -51,20 +51,21 @@ class LeastConnections:
             return None
         start = self._start = (self._start + 1) % count
         best: Backend | None = None
-        best_inflight = best_weight = 0
+        best_inflight, best_weight = 0, 0.0
         for i in range(count):
             backend = backends[(start + i) % count]
             if not backend.healthy or backend.id in exclude:
                 continue
             # inflight/weight < best_inflight/best_weight, without division
-            if best is None or backend.inflight * best_weight < best_inflight * backend.weight:
-                best, best_inflight, best_weight = backend, backend.inflight, backend.weight
+            weight = backend.weight * backend.ramp
+            if best is None or backend.inflight * best_weight < best_inflight * weight:
+                best, best_inflight, best_weight = backend, backend.inflight, weight
         return best
 
     def _sample(self, exclude: frozenset[str]) -> Backend | None:
         backends = self._backends
         best: Backend | None = None
-        best_inflight = best_weight = 0
+        best_inflight, best_weight = 0, 0.0
         tries = 0
         found = 0
         # Sampling with a bounded number of draws; falls back to a scan when most
@@ -75,8 +76,9 @@ class LeastConnections:
             if not backend.healthy or backend.id in exclude or backend is best:
                 continue
             found += 1
-            if best is None or backend.inflight * best_weight < best_inflight * backend.weight:
-                best, best_inflight, best_weight = backend, backend.inflight, backend.weight
+            weight = backend.weight * backend.ramp
+            if best is None or backend.inflight * best_weight < best_inflight * weight:
+                best, best_inflight, best_weight = backend, backend.inflight, weight
         return best if best is not None else self._scan(exclude)
 
     def __repr__(self) -> str:

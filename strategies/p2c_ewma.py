@@ -64,7 +64,7 @@ class P2CEwma:
     def cost(self, backend: Backend) -> float:
         state = self._ewma.get(backend.id)
         latency = state[0] if state else self.default_rtt
-        return latency * (backend.inflight + 1) / backend.weight
+        return latency * (backend.inflight + 1) / (backend.weight * backend.ramp)
 
     def pick(self, ctx: RequestContext) -> Backend:
         backends = self._backends

@@ -53,7 +53,7 @@ class RoundRobin:
     def __init__(self, options: dict[str, Any], *, rng: Any = None) -> None:
         reject_unknown_options(options, set())
         self._backends: list[Backend] = []
-        self._current: dict[str, int] = {}
+        self._current: dict[str, float] = {}
         self._schedule: list[int] = []
         self._position = 0
         self._rng = rng or _random.Random()
@@ -93,15 +93,17 @@ class RoundRobin:
 
     def _choose(self, exclude: frozenset[str]) -> Backend | None:
         current = self._current
-        total = 0
+        total = 0.0
         best: Backend | None = None
-        best_score = 0
+        best_score = 0.0
         for backend in self._backends:
             if not backend.healthy or backend.id in exclude:
                 continue
-            score = current[backend.id] + backend.weight
+            # ramp < 1 while a (re)admitted backend warms up (slow start)
+            weight = backend.weight if backend.ramp == 1.0 else backend.weight * backend.ramp
+            score = current[backend.id] + weight
             current[backend.id] = score
-            total += backend.weight
+            total += weight
             if best is None or score > best_score:
                 best, best_score = backend, score
         if best is not None:
