@@ -229,7 +229,7 @@ class RetryConfig(_Strict):
     backoff_max: Duration = 0.25
     budget_percent: float = Field(default=20.0, ge=0, le=100)
     min_retry_concurrency: int = Field(default=3, ge=0)
-    body_limit: Size = 64 * 1024  # request bodies up to this size are kept for a retry
+    retry_body_limit: Size = 64 * 1024  # request bodies up to this size are kept to retry
 
     @field_validator("retry_on")
     @classmethod

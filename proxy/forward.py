@@ -286,7 +286,7 @@ class _Exchange:
         self.backend: Backend | None = None
         self.pool: BackendPool | None = None
         self.conn: UpstreamConnection | None = None
-        # Request body kept for a retry while it is within retry.body_limit
+        # Request body kept for a retry while it is within retry.retry_body_limit
         self.body_copy: list[bytes] | None = [] if has_body else None
         self.body_complete = False
         self.continue_sent = False
@@ -390,7 +390,7 @@ class _Exchange:
                 self._drop_attempt(backend, ok=False)
                 ctx.exclude = ctx.exclude | {backend.id}
                 self.metrics.record_retry(upstream.name)
-                if not retrying:
+                if not retrying and kind in ("status", "timeout"):
                     retrying = True
                     upstream.retries_active += 1
                 policy = upstream.retry
@@ -416,9 +416,12 @@ class _Exchange:
                 return False
             if self.has_body and not self.body_complete:
                 return False
-        if not retrying:
+        if not retrying and kind in ("status", "timeout"):
             # Retry budget (Envoy's): retries in flight may add at most budget_percent
             # of the upstream's active requests, never less than min_retry_concurrency.
+            # It counts the retries that add load: after a 5xx or a timeout the first
+            # backend did (or still does) the work. A connect failure or a reset means
+            # that backend is gone, so failing over adds nothing and is not budgeted.
             policy = upstream.retry
             allowed = max(policy.min_retry_concurrency,
                           policy.budget_percent / 100 * upstream.balancer.inflight)
@@ -473,7 +476,7 @@ class _Exchange:
         content = self.request.content
         chunked = self.chunked
         sent = 0
-        keep = self.upstream.retry.body_limit
+        keep = self.upstream.retry.retry_body_limit
         for chunk in self.body_copy or ():  # a retry: what was kept goes first
             sent += len(chunk)
             conn.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)

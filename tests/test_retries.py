@@ -100,7 +100,7 @@ async def test_reset_is_retried_for_get_not_for_post(backends: Backends) -> None
 async def test_put_body_is_replayed_when_small_enough(backends: Backends) -> None:
     dying = await backends.start("dying", "reset")
     good = await backends.start("good", "ok")
-    edge = await edge_for([dying, good], 'backoff_base = "1ms", body_limit = "1KiB"')
+    edge = await edge_for([dying, good], 'backoff_base = "1ms", retry_body_limit = "1KiB"')
     try:
         assert await call(edge, "PUT", b"y" * 1000) == (200, "good:1000")
         assert backends.bodies["good"] == [b"y" * 1000]
