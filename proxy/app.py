@@ -39,6 +39,8 @@ class Upstream:
         self.retry_on = frozenset(c for c in config.retry.retry_on if isinstance(c, str))
         self.retry_statuses = config.retry.retry_statuses()
         self.retries_active = 0  # retries in flight, for the retry budget
+        self.max_inflight = config.max_inflight
+        self.max_inflight_per_backend = config.max_inflight_per_backend
         self.pools: dict[str, BackendPool] = {}
         self.health = HealthMonitor(name, config, balancer)
         # A strategy that hashes requests names its key source (`hash_on`).

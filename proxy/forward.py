@@ -328,11 +328,10 @@ class _Exchange:
         try:
             while True:
                 attempt += 1
-                if upstream.config.max_inflight and balancer.inflight >= (
-                        upstream.config.max_inflight):
+                if upstream.max_inflight and balancer.inflight >= upstream.max_inflight:
                     raise UpstreamBusy("upstream at max_inflight")
                 self.backend = backend = balancer.lease(ctx)
-                limit = upstream.config.max_inflight_per_backend
+                limit = upstream.max_inflight_per_backend
                 if limit and backend.inflight > limit:
                     self._drop_attempt(backend, ok=True)
                     ctx.exclude = ctx.exclude | {backend.id}

@@ -68,16 +68,20 @@ class HealthMonitor:
         self._session: aiohttp.ClientSession | None = None
         self._rng = random.Random()
         self.outlier_on = config.outlier.consecutive_failures > 0
+        self._failing: dict[str, bool] = {}  # backends with a current error streak
 
     # -- passive: called by the forwarder --------------------------------------------
 
     def record(self, backend: Backend, failed: bool) -> None:
         if not self.outlier_on:
             return
-        state = self._state(backend)
         if not failed:
-            state.consecutive_errors = 0
+            # The common case costs one dict check: only failing backends are listed.
+            if self._failing and self._failing.pop(backend.id, None) is not None:
+                self._state(backend).consecutive_errors = 0
             return
+        state = self._state(backend)
+        self._failing[backend.id] = True
         state.consecutive_errors += 1
         if (state.consecutive_errors >= self.config.outlier.consecutive_failures
                 and state.ejected_until <= time.monotonic()):
