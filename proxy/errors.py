@@ -8,11 +8,14 @@ from dataclasses import dataclass
 __all__ = [
     "BasculeError",
     "BodyTooLarge",
+    "ClientBodyTimeout",
+    "ClientGone",
     "ConfigError",
     "ConfigProblem",
     "NoBackendError",
     "NoRouteError",
     "PluginError",
+    "UpstreamBusy",
     "UpstreamConnectError",
     "UpstreamProtocolError",
     "UpstreamTimeout",
@@ -54,6 +57,24 @@ class UpstreamTimeout(BasculeError):
 class BodyTooLarge(BasculeError):
     status = 413
     public_message = "request body too large"
+
+
+class ClientBodyTimeout(BasculeError):
+    status = 408
+    public_message = "request body timed out"
+
+
+class ClientGone(BasculeError):
+    """The client disconnected or sent a broken body: nobody to answer."""
+
+    status = 499
+
+
+class UpstreamBusy(BasculeError):
+    """max_inflight reached: answered at once rather than queued."""
+
+    status = 503
+    public_message = "upstream at capacity"
 
 
 class PluginError(BasculeError):

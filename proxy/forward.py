@@ -22,8 +22,11 @@ from proxy.app import Runtime, Upstream
 from proxy.errors import (
     BasculeError,
     BodyTooLarge,
+    ClientBodyTimeout,
+    ClientGone,
     NoBackendError,
     NoRouteError,
+    UpstreamBusy,
     UpstreamConnectError,
     UpstreamProtocolError,
     UpstreamTimeout,
@@ -38,29 +41,14 @@ from proxy.upstream.connection import ResponseHead, UpstreamConnection
 from proxy.upstream.pool import BackendPool
 from proxy.websocket import tunnel_websocket
 
-__all__ = ["ClientBodyTimeout", "Forwarder", "Outcome", "error_response"]
+__all__ = ["Forwarder", "Outcome", "error_response"]
 
 log = logging.getLogger("bascule.forward")
 
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 _NO_BODY_STATUS: Final = frozenset({204, 304})
-
-
+# RFC 9110 §9.2.2: the methods a retry may repeat after something was sent
 _IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-
-
-class UpstreamBusy(BasculeError):
-    status = 503
-    public_message = "upstream at capacity"
-
-
-class ClientBodyTimeout(BasculeError):
-    status = 408
-    public_message = "request body timed out"
-
-
-class _ClientGone(BasculeError):
-    """The client disconnected or sent a broken body; nobody to answer."""
 
 
 def error_response(status: int, message: str, *, close: bool = False) -> web.Response:
@@ -530,7 +518,7 @@ class _Exchange:
         except BodyTooLarge as exc:
             conn.abort(exc)
         except (HttpProcessingError, ConnectionError, OSError) as exc:
-            conn.abort(_ClientGone(f"client body: {exc}"))
+            conn.abort(ClientGone(f"client body: {exc}"))
         except BasculeError:
             pass  # the exchange already failed; read_head reports it
         finally:
