@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from proxy.balancer import Balancer
@@ -17,8 +17,9 @@ from proxy.errors import ConfigError, ConfigProblem
 from proxy.hashkey import HashKeySource
 from proxy.headers import IPNetwork
 from proxy.health import HealthMonitor
-from proxy.loader import STRATEGY_GROUP, load
+from proxy.loader import PLUGIN_GROUP, STRATEGY_GROUP, load
 from proxy.models import Backend, BackendSet
+from proxy.plugin import Plugin
 from proxy.routing import Route, RouteTable
 from proxy.strategy import Strategy
 from proxy.upstream.pool import BackendPool
@@ -73,6 +74,7 @@ class Runtime:
     upstreams: dict[str, Upstream]
     trusted: tuple[IPNetwork, ...]
     discovery: ConsulDiscovery | None = None
+    chains: dict[str, tuple[Plugin, ...]] = field(default_factory=dict)  # route -> plugins
     file: str = ""
     config_hash: str = ""
     loaded_at: float = 0.0
@@ -164,6 +166,35 @@ def build_strategy(name: str, options: dict[str, Any], file: str, path: str) -> 
     return strategy
 
 
+def build_plugins(config: Config, file: str) -> dict[str, Plugin]:
+    """Every [[plugins]] entry built from its options, by name."""
+    problems: list[ConfigProblem] = []
+    built: dict[str, Plugin] = {}
+    for i, spec in enumerate(config.plugins):
+        try:
+            factory = load(PLUGIN_GROUP, spec.use)
+        except ValueError as exc:
+            problems.append(ConfigProblem(file, f"plugins[{i}].use", str(exc)))
+            continue
+        try:
+            plugin = factory(dict(spec.options))
+        except ValueError as exc:
+            option, sep, rest = str(exc).partition(": ")
+            if sep and " " not in option:
+                problems.append(ConfigProblem(file, f"plugins[{i}].options.{option}", rest))
+            else:
+                problems.append(ConfigProblem(file, f"plugins[{i}].options", str(exc)))
+            continue
+        if not callable(plugin):
+            problems.append(ConfigProblem(file, f"plugins[{i}].use",
+                                          f"{spec.use!r} did not build a callable plugin"))
+            continue
+        built[spec.name] = plugin
+    if problems:
+        raise ConfigError(problems)
+    return built
+
+
 def build_runtime(config: Config, file: str) -> Runtime:
     problems: list[ConfigProblem] = []
     upstreams: dict[str, Upstream] = {}
@@ -189,15 +220,19 @@ def build_runtime(config: Config, file: str) -> Runtime:
             name=r.name or f"routes[{i}]", upstream=r.upstream, host=r.host,
             path_prefix=r.path_prefix, strip_prefix=r.strip_prefix,
             pass_host=r.pass_host, websocket=r.websocket, access_log=r.access_log,
+            plugins=tuple(r.plugins),
         )
         for i, r in enumerate(config.routes)
     ])
+    built = build_plugins(config, file)
+    chains = {route.name: tuple(built[p] for p in route.plugins)
+              for route in routes.routes if route.plugins}
     discovery = (ConsulDiscovery(config, upstreams)
                  if any(u.config.consul for u in upstreams.values()) or (
                      config.consul.self_register is not None) else None)
     return Runtime(
         config=config, server=config.server, routes=routes, upstreams=upstreams,
-        discovery=discovery,
+        discovery=discovery, chains=chains,
         trusted=config.server.trusted_networks(), file=file,
         config_hash=hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:16],
         loaded_at=time.time(),

@@ -32,6 +32,7 @@ __all__ = [
     "ConsulConfig",
     "ConsulRegisterConfig",
     "ConsulServiceConfig",
+    "PluginConfig",
     "RouteConfig",
     "ServerConfig",
     "TimeoutsConfig",
@@ -167,6 +168,7 @@ class RouteConfig(_Strict):
     pass_host: bool = True
     websocket: bool = True
     access_log: bool = True
+    plugins: list[str] = Field(default_factory=list)  # names from [[plugins]], outermost first
 
     @field_validator("host")
     @classmethod
@@ -367,12 +369,21 @@ class UpstreamConfig(_Strict):
     max_inflight_per_backend: int = Field(default=0, ge=0)
 
 
+class PluginConfig(_Strict):
+    """`[[plugins]]`: a plugin instance routes can name."""
+
+    name: str = Field(min_length=1)
+    use: str = Field(min_length=1)  # an entry point in `bascule.plugins` or "pkg.mod:Attr"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
 class Config(_Strict):
     server: ServerConfig = Field(default_factory=ServerConfig)
     admin: AdminConfig = Field(default_factory=AdminConfig)
     routes: list[RouteConfig] = Field(min_length=1)
     upstreams: dict[str, UpstreamConfig] = Field(min_length=1)
     consul: ConsulConfig = Field(default_factory=ConsulConfig)
+    plugins: list[PluginConfig] = Field(default_factory=list)
 
 
 def _format_loc(loc: tuple[int | str, ...]) -> str:
@@ -429,6 +440,24 @@ def _cross_check(data: dict[str, Any], file: str) -> list[ConfigProblem]:
                 f"duplicate route: same host and path_prefix as routes[{seen[key]}]"))
         else:
             seen[key] = i
+    plugins = data.get("plugins")
+    plugin_names: dict[str, int] = {}
+    for i, plugin in enumerate(plugins if isinstance(plugins, list) else []):
+        pname = plugin.get("name") if isinstance(plugin, dict) else None
+        if isinstance(pname, str):
+            if pname in plugin_names:
+                problems.append(ConfigProblem(
+                    file, f"plugins[{i}].name",
+                    f"name {pname!r} is used by plugins[{plugin_names[pname]}]"))
+            plugin_names[pname] = i
+    for i, route in enumerate(routes if isinstance(routes, list) else []):
+        wanted = route.get("plugins") if isinstance(route, dict) else None
+        for j, pname in enumerate(wanted if isinstance(wanted, list) else []):
+            if isinstance(pname, str) and pname not in plugin_names:
+                known = ", ".join(sorted(plugin_names)) or "none"
+                problems.append(ConfigProblem(
+                    file, f"routes[{i}].plugins[{j}]",
+                    f"plugin {pname!r} is not defined in [[plugins]] (defined: {known})"))
     for name, upstream in (upstreams.items() if isinstance(upstreams, dict) else []):
         if isinstance(upstream, dict):
             has_backends, has_consul = "backends" in upstream, "consul" in upstream

@@ -7,6 +7,7 @@ by chunk in both directions, with backpressure both ways.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import random
@@ -15,6 +16,7 @@ from typing import Final
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.accesslog import AccessLog, AccessRecord
@@ -34,6 +36,7 @@ from proxy.errors import (
 from proxy.headers import build_request_head, is_trusted
 from proxy.metrics import Metrics
 from proxy.models import Backend
+from proxy.plugin import Handler, Plugin, ProxyRequest, ProxyResponse
 from proxy.response import ProxiedResponse
 from proxy.routing import Route, normalise_host, strip_path_prefix
 from proxy.strategy import RequestContext
@@ -120,6 +123,42 @@ class Forwarder:
         self.access_log = access_log
         self._id_prefix = os.urandom(8).hex().encode()
         self._id_counter = 0
+
+    async def _write_proxy_response(self, request: web.BaseRequest, response: ProxyResponse,
+                                    outcome: Outcome) -> web.StreamResponse:
+        """Write what the plugin chain answered (the only place plugins' responses
+        reach aiohttp); framing is decided here, as for direct responses."""
+        headers = response.headers
+        block = b"".join(f"{k}: {v}\r\n".encode("latin-1", "replace")
+                         for k, v in headers.items())
+        body = response.body
+        no_body = request.method == "HEAD" or response.status in _NO_BODY_STATUS
+        length = len(body) if isinstance(body, bytes) and not no_body else response.length
+        resp = ProxiedResponse(response.status, response.reason.encode("latin-1", "replace"),
+                               block, length, "Date" in headers)
+        try:
+            if isinstance(body, bytes):
+                resp._send_headers_immediately = False
+                await resp.prepare(request)
+                if not no_body:
+                    outcome.bytes_out = len(body)
+                await resp.write_eof(b"" if no_body else body)
+                return resp
+            await resp.prepare(request)
+            async for chunk in body:
+                await resp.write(chunk)
+            await resp.write_eof()
+            return resp
+        except (UpstreamProtocolError, UpstreamTimeout) as exc:
+            # Cut the client's response: a truncated body must never look complete.
+            log.warning("upstream %s died mid-response: %s", outcome.upstream, exc)
+            if request.transport is not None:
+                request.transport.abort()
+            return resp
+        except ConnectionError:
+            return resp
+        finally:
+            await response.aclose()
 
     def next_request_id(self) -> bytes:
         # Unique across workers and instances (random 64-bit prefix per worker)
@@ -232,11 +271,41 @@ class Forwarder:
                         + target.encode("utf-8", "surrogateescape") + b" HTTP/1.1\r\n")
         hash_on = upstream.hash_on
         hash_key = hash_on.extract(headers, message.path, peer) if hash_on else None
-        exchange = _Exchange(request, route, upstream, runtime, request_line, head_rest,
-                             client_host, has_body, chunked, hash_key, self.metrics, outcome)
         if length:
             outcome.bytes_in = length
+        chain = runtime.chains.get(route.name) if runtime.chains else None
         try:
+            if chain:
+                trusted = is_trusted(peer, runtime.trusted)
+
+                async def terminal(preq: ProxyRequest) -> ProxyResponse:
+                    # What the plugins changed in the request goes upstream.
+                    line, rest, host = request_line, head_rest, client_host
+                    if preq.target != target:
+                        line = (message.method.encode("ascii") + b" "
+                                + preq.target.encode("utf-8", "surrogateescape")
+                                + b" HTTP/1.1\r\n")
+                    if list(preq.headers.items()) != list(headers.items()):
+                        raw = [(k.encode("utf-8", "surrogateescape"),
+                                v.encode("utf-8", "surrogateescape"))
+                               for k, v in preq.headers.items()]
+                        rest, host, _ = build_request_head(
+                            raw, peer=peer, trusted_peer=trusted, framing=framing,
+                            request_id=request_id)
+                    exchange = _Exchange(request, route, upstream, runtime, line, rest, host,
+                                         has_body, chunked, hash_key, self.metrics, outcome)
+                    return await exchange.run_to_proxy_response()
+
+                handler: Handler = terminal
+                for plugin in reversed(chain):
+                    handler = functools.partial(_call_plugin, plugin, handler)
+                proxy_request = ProxyRequest(message.method, target, CIMultiDict(headers), peer,
+                                             route.name, upstream.name)
+                return await self._write_proxy_response(request, await handler(proxy_request),
+                                                        outcome)
+            exchange = _Exchange(request, route, upstream, runtime, request_line, head_rest,
+                                 client_host, has_body, chunked, hash_key, self.metrics,
+                                 outcome)
             return await exchange.run()
         except NoBackendError:
             reason = runtime.unavailable_reason(upstream.name)
@@ -245,6 +314,50 @@ class Forwarder:
         except BasculeError as exc:
             return error_response(exc.status, exc.public_message,
                                   close=exc.status in (408, 413))
+
+
+async def _call_plugin(plugin: Plugin, call_next: Handler,
+                       request: ProxyRequest) -> ProxyResponse:
+    return await plugin(request, call_next)
+
+
+class _UpstreamBody:
+    """A streamed backend body for plugins: chunks as they arrive; the exchange is
+    finished (connection and lease released) when it ends, fails or is closed."""
+
+    def __init__(self, exchange: _Exchange, started: float) -> None:
+        self._exchange = exchange
+        self._started = started
+        self._done = False
+
+    def __aiter__(self) -> _UpstreamBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        exchange = self._exchange
+        conn = exchange.conn
+        if self._done or conn is None:
+            raise StopAsyncIteration
+        conn.arm_timer(exchange.upstream.timeouts.read_idle, "read idle")
+        try:
+            chunk = await conn.read_chunk()
+        except BaseException:
+            self._close(False)
+            raise
+        if not chunk:
+            exchange._release_conn(conn.finish())
+            self._close(True)
+            raise StopAsyncIteration
+        exchange.outcome.bytes_out += len(chunk)
+        return chunk
+
+    async def aclose(self) -> None:
+        if not self._done:
+            self._close(False)
+
+    def _close(self, ok: bool) -> None:
+        self._done = True
+        self._exchange._finish(self._started, ok)
 
 
 class _Exchange:
@@ -280,8 +393,7 @@ class _Exchange:
         self.continue_sent = False
 
     async def run(self) -> web.StreamResponse:
-        loop = self.runtime.loop
-        started = loop.time()
+        started = self.runtime.loop.time()
         ok = False
         try:
             head = await self._connect_and_send()
@@ -293,16 +405,48 @@ class _Exchange:
                 self.metrics.backend(self.upstream.name, self.backend.id).timeouts += 1
             raise
         finally:
-            if self.conn is not None:
-                self._release_conn(False)
-            backend = self.backend
-            if backend is not None:
-                latency = loop.time() - started
-                self.upstream.balancer.release(backend, latency, ok)
-                if self.metrics.enabled:
-                    self.metrics.backend(self.upstream.name, backend.id).latency.observe(
-                        latency)
-                self.outcome.backend = backend.id
+            self._finish(started, ok)
+
+    def _finish(self, started: float, ok: bool) -> None:
+        """Release the connection (unless already given back) and the lease."""
+        if self.conn is not None:
+            self._release_conn(False)
+        backend = self.backend
+        if backend is not None:
+            self.backend = None
+            latency = self.runtime.loop.time() - started
+            self.upstream.balancer.release(backend, latency, ok)
+            if self.metrics.enabled:
+                self.metrics.backend(self.upstream.name, backend.id).latency.observe(latency)
+            self.outcome.backend = backend.id
+
+    async def run_to_proxy_response(self) -> ProxyResponse:
+        """The plugin chain's terminal step: the backend's response as a ProxyResponse
+        whose body (when not already complete) streams from the connection; the lease
+        and connection are released when that body ends or is closed."""
+        started = self.runtime.loop.time()
+        try:
+            head = await self._connect_and_send()
+        except BaseException as exc:
+            if isinstance(exc, UpstreamTimeout) and self.backend is not None:
+                self.metrics.backend(self.upstream.name, self.backend.id).timeouts += 1
+            self._finish(started, False)
+            raise
+        conn = self.conn
+        assert conn is not None
+        fields = head.fields
+        headers: CIMultiDict[str] = CIMultiDict(fields.items())
+        reason = head.reason.decode("latin-1")
+        no_body = self.request.method == "HEAD" or head.status in _NO_BODY_STATUS
+        complete = conn.take_buffered_body()
+        if complete is not None:
+            self._release_conn(conn.finish())
+            self._finish(started, True)
+            if no_body:
+                return ProxyResponse(head.status, headers, b"", reason, fields.body_length)
+            return ProxyResponse(head.status, headers, complete, reason, len(complete))
+        return ProxyResponse(head.status, headers, _UpstreamBody(self, started), reason,
+                             fields.body_length)
 
     async def _connect_and_send(self) -> ResponseHead:
         """Attempts on (other) backends until one answers, within the upstream's retry

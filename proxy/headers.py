@@ -178,6 +178,19 @@ class ResponseHeaderFilter:
         # RFC 9112 §6.3: Transfer-Encoding overrides Content-Length.
         return None if self.chunked else self.length
 
+    def items(self) -> list[tuple[str, str]]:
+        """The client-bound fields as (name, value) strings, Via appended."""
+        nominated = self.nominated
+        via = b"" if nominated and b"via" in nominated else self.via
+        out = []
+        for lname, line in self.kept:
+            if nominated and lname in nominated:
+                continue
+            name, _, value = line[:-2].partition(b": ")
+            out.append((name.decode("latin-1"), value.decode("latin-1")))
+        out.append(("Via", (via + b", " + _VIA if via else _VIA).decode("latin-1")))
+        return out
+
     def block(self) -> bytes:
         """The client-bound header lines, Via appended."""
         nominated = self.nominated

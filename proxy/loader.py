@@ -7,9 +7,10 @@ import importlib
 from importlib.metadata import entry_points
 from typing import Any
 
-__all__ = ["STRATEGY_GROUP", "available", "load"]
+__all__ = ["PLUGIN_GROUP", "STRATEGY_GROUP", "available", "load"]
 
 STRATEGY_GROUP = "bascule.strategies"
+PLUGIN_GROUP = "bascule.plugins"
 
 
 def available(group: str) -> list[str]:

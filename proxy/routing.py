@@ -25,6 +25,7 @@ class Route:
     pass_host: bool = True
     websocket: bool = True
     access_log: bool = True
+    plugins: tuple[str, ...] = ()
 
 
 @lru_cache(maxsize=1024)
