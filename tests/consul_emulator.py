@@ -76,18 +76,21 @@ class ConsulEmulator:
         self.known_leader = True
         self._changed = asyncio.Condition()
         self.port = 0
+        self.scheme = "http"
         self._runner: web.AppRunner | None = None
 
     # -- lifecycle ------------------------------------------------------------------
 
-    async def start(self, port: int = 0) -> None:
+    async def start(self, port: int = 0, ssl_context: Any = None) -> None:
         app = web.Application()
         app.router.add_get("/v1/health/service/{service}", self._health_service)
         app.router.add_put("/v1/agent/service/register", self._register)
         app.router.add_put("/v1/agent/service/deregister/{service_id}", self._deregister)
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", port or self.port, reuse_address=True)
+        self.scheme = "https" if ssl_context is not None else "http"
+        site = web.TCPSite(self._runner, "127.0.0.1", port or self.port, reuse_address=True,
+                           ssl_context=ssl_context)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
@@ -98,7 +101,7 @@ class ConsulEmulator:
 
     @property
     def address(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     # -- test controls ----------------------------------------------------------------
 

@@ -352,3 +352,34 @@ def _hostname() -> str:
     import socket
 
     return socket.gethostname()
+
+
+async def test_tls_with_a_private_ca(tmp_path: Path, backends: dict[str, int]) -> None:
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    emulator = ConsulEmulator()
+    await emulator.start(ssl_context=server_context)
+    await emulator.add("web", "web-a", backends["a"])
+    assert emulator.address.startswith("https://")
+    edge = await consul_edge(emulator.address, consul_extra=f'ca_file = "{ca_file}"')
+    try:
+        assert [b["id"] for b in (await status(edge))["backends"]] == ["agent/web-a"]
+        assert (await status(edge))["discovery"]["stale"] is False
+    finally:
+        await edge.drain(1.0)
+    # without the CA, the agent's certificate is refused: nothing is discovered
+    untrusting = await consul_edge(emulator.address, startup_wait="500ms")
+    try:
+        await eventually(lambda: _stale(untrusting, True), timeout=8)
+        assert (await status(untrusting))["backends"] == []
+        assert "certificate" in (await status(untrusting))["discovery"]["error"].lower()
+    finally:
+        await untrusting.drain(1.0)
+        await emulator.stop()
