@@ -169,7 +169,9 @@ async def test_reload_under_load_fails_nothing(tmp_path: Path, three: dict[str, 
             path.write_text(config_text(port, admin, backends))
             status, result = await post_reload(edge)
             assert status == 200 and result["changed"], result
-        await asyncio.sleep(0.4)  # requests begun before the last commit finish
+        # requests begun before the last commit finish: the old runtimes retire
+        while edge.reloader._retiring:
+            await asyncio.sleep(0.02)
         seen.clear()
         await asyncio.sleep(0.5)
     finally:
@@ -254,11 +256,27 @@ async def test_sighup_reloads_every_worker(tmp_path: Path, three: dict[str, int]
             assert loop.time() < deadline, "workers did not all reload"
             await asyncio.sleep(0.1)
         assert first != {new_hash}
-        # a broken file: every worker keeps the config it has
+        # a broken file: every worker tries, fails, and keeps the config it has
         path.write_text("[server\n")
         proc.send_signal(signal.SIGHUP)
-        await asyncio.sleep(1.0)
-        assert await agreed(new_hash)
+
+        async def both_refused() -> bool:
+            docs: dict[int, Any] = {}
+            for _ in range(200):
+                async with aiohttp.ClientSession() as session, session.get(
+                        f"http://127.0.0.1:{admin}/status") as resp:
+                    doc = json.loads(await resp.read())
+                docs[doc["pid"]] = doc
+                if len(docs) == 2:
+                    break
+            return len(docs) == 2 and all(
+                (d["reload"] or {}).get("result") == "error" and d["config"]["hash"] == new_hash
+                for d in docs.values())
+
+        deadline = loop.time() + 10
+        while not await both_refused():
+            assert loop.time() < deadline, "workers did not report the failed reload"
+            await asyncio.sleep(0.1)
         assert proc.poll() is None
     finally:
         proc.send_signal(signal.SIGTERM)

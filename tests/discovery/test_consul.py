@@ -283,10 +283,10 @@ async def test_watchdog_restarts_a_hung_query_from_index_zero(
     await consul.add("web", "web-a", backends["a"])
     edge = await consul_edge(consul.address)
     try:
-        await asyncio.sleep(0.3)
-        consul.hang = True  # answers never come, even past wait
         watch = edge.runtime.discovery.by_upstream["web"]  # type: ignore[union-attr]
-        assert watch.index > 0
+        await eventually(lambda: _true(watch.index > 0 and len(
+            consul.health_queries("web")) >= 2))  # blocking on a real index
+        consul.hang = True  # answers never come, even past wait
         await eventually(lambda: _true(watch.index == 0), timeout=10)
         consul.hang = False
         await eventually(lambda: _stale(edge, False), timeout=10)
