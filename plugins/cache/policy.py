@@ -1,0 +1,240 @@
+"""RFC 9111 rules for a shared cache, as pure functions (no I/O, no clock of their
+own): what may be stored, for how long it is fresh, how old a stored response is,
+whether a request accepts it, how Vary keys it, and what an unsafe request
+invalidates. Section numbers refer to RFC 9111 unless marked RFC 9110.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from urllib.parse import urlsplit
+
+__all__ = [
+    "HEURISTIC_STATUSES",
+    "CacheControl",
+    "Freshness",
+    "current_age",
+    "freshness_lifetime",
+    "invalidated_uris",
+    "parse_cache_control",
+    "request_accepts",
+    "storable",
+    "vary_key",
+]
+
+# RFC 9110 §15.1: status codes cacheable by default (heuristic freshness allowed).
+HEURISTIC_STATUSES = frozenset({200, 203, 204, 206, 300, 301, 308, 404, 405, 410, 414, 501})
+# Status codes this cache understands (§3: a cache must not store others).
+UNDERSTOOD_STATUSES = HEURISTIC_STATUSES | {302, 303, 307, 400, 403, 500, 502, 503, 504}
+_UNSAFE = frozenset({"POST", "PUT", "DELETE", "PATCH"})
+_TOKEN = re.compile(r'\s*([!#$%&\'*+\-.^_`|~0-9A-Za-z]+)\s*(?:=\s*("(?:[^"\\]|\\.)*"|[^,\s]*))?\s*')
+
+CacheControl = dict[str, str | None]
+
+
+def parse_cache_control(values: Iterable[str]) -> CacheControl:
+    """Directives of every Cache-Control field, names lower-cased (§5.2); quoted values
+    unquoted. A directive repeated keeps its first value."""
+    directives: CacheControl = {}
+    for value in values:
+        for part in _split_commas(value):
+            match = _TOKEN.fullmatch(part)
+            if not match:
+                continue
+            name, arg = match.group(1).lower(), match.group(2)
+            if arg is not None and arg.startswith('"'):
+                arg = re.sub(r"\\(.)", r"\1", arg[1:-1])
+            directives.setdefault(name, arg)
+    return directives
+
+
+def _split_commas(value: str) -> list[str]:
+    parts: list[str] = []
+    current: list[str] = []
+    quoted = escaped = False
+    for char in value:
+        if escaped:
+            escaped = False
+        elif char == "\\" and quoted:
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+        elif char == "," and not quoted:
+            parts.append("".join(current))
+            current = []
+            continue
+        current.append(char)
+    parts.append("".join(current))
+    return [p for p in parts if p.strip()]
+
+
+def _seconds(value: str | None) -> int | None:
+    """A delta-seconds argument (§1.2.2); invalid means absent."""
+    if value is None or not value.isdigit():
+        return None
+    return min(int(value), 2**31)
+
+
+def _http_date(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
+def _get(headers: Mapping[str, str], name: str) -> str | None:
+    for key, value in headers.items():
+        if key.lower() == name:
+            return value
+    return None
+
+
+def _get_all(headers: Mapping[str, str] | Iterable[tuple[str, str]], name: str) -> list[str]:
+    items = headers.items() if isinstance(headers, Mapping) else headers
+    return [v for k, v in items if k.lower() == name]
+
+
+def storable(method: str, status: int, request_headers: Mapping[str, str],
+             response_headers: Mapping[str, str], *, ignore_set_cookie: bool = False,
+             heuristic: bool = True) -> tuple[bool, str]:
+    """(may a shared cache store this, why not) per §3 and §3.5; reasons are the
+    Cache-Status `detail` values: method, status, no-store, private, authorization,
+    set-cookie, vary-star, no-freshness."""
+    if method != "GET":
+        return False, "method"
+    if status not in UNDERSTOOD_STATUSES:
+        return False, "status"
+    req_cc = parse_cache_control(_get_all(request_headers, "cache-control"))
+    resp_cc = parse_cache_control(_get_all(response_headers, "cache-control"))
+    if "no-store" in req_cc or "no-store" in resp_cc:
+        return False, "no-store"
+    if "private" in resp_cc:
+        return False, "private"
+    if _get(request_headers, "authorization") is not None and not (
+            "public" in resp_cc or "s-maxage" in resp_cc or "must-revalidate" in resp_cc):
+        return False, "authorization"  # §3.5
+    if not ignore_set_cookie and _get(response_headers, "set-cookie") is not None:
+        return False, "set-cookie"
+    vary = _get(response_headers, "vary")
+    if vary is not None and "*" in [v.strip() for v in vary.split(",")]:
+        return False, "vary-star"
+    explicit = ("max-age" in resp_cc or "s-maxage" in resp_cc
+                or _get(response_headers, "expires") is not None or "public" in resp_cc)
+    validator = (_get(response_headers, "etag") is not None
+                 or _get(response_headers, "last-modified") is not None)
+    heuristic_ok = heuristic and status in HEURISTIC_STATUSES and (
+        _get(response_headers, "last-modified") is not None)
+    if not (explicit or validator or heuristic_ok):
+        return False, "no-freshness"  # never a blanket default TTL
+    return True, ""
+
+
+@dataclass(frozen=True)
+class Freshness:
+    lifetime: float  # seconds (§4.2.1)
+    heuristic: bool  # computed by the 10% rule (§4.2.2): warn-worthy, capped
+
+
+def freshness_lifetime(response_headers: Mapping[str, str], *, heuristic: bool = True,
+                       heuristic_cap: float = 86400.0, status: int = 200) -> Freshness:
+    """s-maxage > max-age > Expires - Date > 10% of (Date - Last-Modified), capped."""
+    cc = parse_cache_control(_get_all(response_headers, "cache-control"))
+    for directive in ("s-maxage", "max-age"):
+        seconds = _seconds(cc.get(directive)) if directive in cc else None
+        if seconds is not None:
+            return Freshness(float(seconds), False)
+        if directive in cc:
+            return Freshness(0.0, False)  # invalid value: treat as stale (§4.2.1)
+    date = _http_date(_get(response_headers, "date"))
+    expires_raw = _get(response_headers, "expires")
+    if expires_raw is not None:
+        expires = _http_date(expires_raw)
+        if expires is None or date is None:
+            return Freshness(0.0, False)  # invalid Expires means already expired (§5.3)
+        return Freshness(max(0.0, expires - date), False)
+    modified = _http_date(_get(response_headers, "last-modified"))
+    if heuristic and status in HEURISTIC_STATUSES and modified is not None and date is not None:
+        return Freshness(min(heuristic_cap, max(0.0, (date - modified) / 10)), True)
+    return Freshness(0.0, False)
+
+
+def current_age(response_headers: Mapping[str, str], request_time: float,
+                response_time: float, now: float) -> float:
+    """§4.2.3, with clocks as seconds since the epoch."""
+    date = _http_date(_get(response_headers, "date"))
+    age_value = _seconds((_get(response_headers, "age") or "").strip()) or 0
+    apparent_age = max(0.0, response_time - date) if date is not None else 0.0
+    response_delay = max(0.0, response_time - request_time)
+    corrected_age_value = age_value + response_delay
+    corrected_initial_age = max(apparent_age, corrected_age_value)
+    return corrected_initial_age + max(0.0, now - response_time)
+
+
+def request_accepts(request_headers: Mapping[str, str], age: float, lifetime: float,
+                    response_headers: Mapping[str, str]) -> str:
+    """What the request's directives (§5.2.1) allow for a stored response of this
+    age: "fresh" (serve), "stale-ok" (serve stale, max-stale allows it),
+    "revalidate" (ask the origin), or "only-if-cached" miss handling is left to the
+    caller via the directive itself."""
+    req_cc = parse_cache_control(_get_all(request_headers, "cache-control"))
+    resp_cc = parse_cache_control(_get_all(response_headers, "cache-control"))
+    if "no-cache" in req_cc or "no-cache" in resp_cc:
+        return "revalidate"
+    if _get(request_headers, "pragma") == "no-cache" and "cache-control" not in {
+            k.lower() for k in request_headers}:
+        return "revalidate"  # §5.4: Pragma only without Cache-Control
+    max_age = _seconds(req_cc.get("max-age")) if "max-age" in req_cc else None
+    if max_age is not None and age > max_age:
+        return "revalidate"
+    min_fresh = _seconds(req_cc.get("min-fresh")) or 0
+    if age + min_fresh < lifetime:
+        return "fresh"
+    if "must-revalidate" in resp_cc or "proxy-revalidate" in resp_cc or "s-maxage" in resp_cc:
+        return "revalidate"  # §5.2.2.2/§5.2.2.8/§5.2.2.10: never served stale
+    if "max-stale" in req_cc:
+        limit = _seconds(req_cc.get("max-stale"))
+        if limit is None or age - lifetime <= limit:
+            return "stale-ok"
+    return "revalidate"
+
+
+def _normalise(value: str) -> str:
+    return " ".join(value.split()).lower()
+
+
+def vary_key(response_headers: Mapping[str, str],
+             request_headers: Mapping[str, str] | Iterable[tuple[str, str]]) -> str:
+    """The secondary key (§4.1): the request's values of the fields the response
+    varies on, normalised (whitespace collapsed, lower-cased), in a stable order."""
+    vary = _get(response_headers, "vary")
+    if not vary:
+        return ""
+    names = sorted({n.strip().lower() for n in vary.split(",") if n.strip()})
+    return "\n".join(f"{name}:" + ",".join(_normalise(v) for v in _get_all(request_headers, name))
+                     for name in names)
+
+
+def invalidated_uris(method: str, status: int, request_uri: str,
+                     response_headers: Mapping[str, str]) -> list[str]:
+    """§4.4: a successful unsafe request invalidates its target URI and the
+    same-origin Location / Content-Location URIs."""
+    if method not in _UNSAFE or not 200 <= status < 400:
+        return []
+    origin = urlsplit(request_uri)
+    uris = [request_uri]
+    for name in ("location", "content-location"):
+        value = _get(response_headers, name)
+        if not value:
+            continue
+        target = urlsplit(value)
+        if not target.netloc:  # relative: resolve against the request's origin
+            path = value if value.startswith("/") else "/" + value
+            uris.append(f"{origin.scheme}://{origin.netloc}{path}")
+        elif (target.scheme, target.netloc) == (origin.scheme, origin.netloc):
+            uris.append(value)
+    return list(dict.fromkeys(uris))
