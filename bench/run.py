@@ -107,6 +107,7 @@ def backend_conf(port: int, static: Path) -> str:
 server {{
   listen 127.0.0.1:{port};
   root {static};
+  expires 1h;  # Cache-Control: max-age=3600, so a caching proxy can serve hits
   location /post {{ client_max_body_size 10m; client_body_buffer_size 128k;
                    return 200 "ok"; }}
 }}"""
@@ -147,6 +148,8 @@ def main() -> int:
     ap.add_argument("--targets", help="comma-separated subset of targets")
     ap.add_argument("--observability", action="store_true",
                     help="add bascule-1 with metrics off, and with JSON access logs on")
+    ap.add_argument("--cache", action="store_true",
+                    help="add bascule-1 with the memory cache plugin (GETs become hits)")
     args = ap.parse_args()
     scenarios = {k: v for k, v in SCENARIOS.items() if not args.only or k in args.only}
     for tool in ("wrk", "nginx"):
@@ -206,7 +209,10 @@ backend be
         if args.observability:
             variants += [("1-nometrics", "1", 0, "false", "off"),
                          ("1-accesslog", "1", 0, "true", "/dev/null")]
+        if args.cache:
+            variants += [("1-cache", "1", 0, "true", "off")]
         for label, workers, cpu, metrics, access_log in variants:
+            cache = label.endswith("-cache")
             port, admin = free_port(), free_port()
             conf = work / f"bascule-{label}.toml"
             conf.write_text(f"""
@@ -218,8 +224,13 @@ access_log = "{access_log}"
 [admin]
 listen = "127.0.0.1:{admin}"
 metrics = {metrics}
+{'[[plugins]]' if cache else ''}
+{'name = "cache"' if cache else ''}
+{'use = "cache"' if cache else ''}
+{'options = { max_object_size = "2MiB", memory_max_size = "64MiB" }' if cache else ''}
 [[routes]]
 upstream = "be"
+{'plugins = ["cache"]' if cache else ''}
 [upstreams.be]
 backends = ["127.0.0.1:{backend}"]
 """)

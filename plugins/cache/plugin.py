@@ -22,11 +22,12 @@ from urllib.parse import urlsplit
 from multidict import CIMultiDict
 
 from plugins.cache.policy import (
-    current_age,
+    accepts,
+    age_from,
+    age_inputs,
     freshness_lifetime,
     invalidated_uris,
     parse_cache_control,
-    request_accepts,
     storable,
     vary_key,
 )
@@ -119,12 +120,9 @@ class Cache:
                     await asyncio.wait_for(asyncio.shield(waiter), self.lock_timeout)
                 key, entry = await self._lookup(primary, request)
         if entry is not None:
-            headers = CIMultiDict(entry.headers)
-            age = current_age(headers, entry.request_time, entry.response_time, time.time())
-            lifetime = freshness_lifetime(headers, heuristic=self.heuristic,
-                                          heuristic_cap=self.heuristic_cap,
-                                          status=entry.status).lifetime
-            decision = request_accepts(request.headers, age, lifetime, headers)
+            age = age_from(entry.date, entry.age_value, entry.request_time,
+                           entry.response_time, time.time())
+            decision = accepts(request.headers, age, entry.lifetime, entry.directives)
             if decision in ("fresh", "stale-ok"):
                 return self._serve(request, entry, age, "hit" if decision == "fresh"
                                    else "hit; detail=stale")
@@ -160,7 +158,8 @@ class Cache:
         headers: CIMultiDict[str] = CIMultiDict(entry.headers)
         headers["Age"] = str(int(age))
         _add_status(headers, f"bascule; {status}")
-        if _not_modified(request.headers, headers):
+        if ("If-None-Match" in request.headers or "If-Modified-Since" in request.headers) \
+                and _not_modified(request.headers, headers):
             return ProxyResponse(304, CIMultiDict(
                 (k, v) for k, v in headers.items()
                 if k.lower() not in ("content-type", "content-encoding", "content-language")),
@@ -194,8 +193,8 @@ class Cache:
             for name, value in response.headers.items():
                 if name.lower() not in _NOT_STORED | {"content-length"}:
                     stored[name] = value
-            refreshed = Entry(entry.status, entry.reason, list(stored.items()), entry.body,
-                              request_time, time.time(), entry.vary)
+            refreshed = self._entry(entry.status, entry.reason, list(stored.items()),
+                                    entry.body, request_time, time.time(), entry.vary)
             await self.store.put(key, refreshed)
             return self._serve(request, refreshed, 0.0, "fwd=stale; fwd-status=304")
         if response.status >= 500 and self.stale_if_error and (
@@ -206,9 +205,19 @@ class Cache:
                                        lambda: None)
 
     def _lifetime(self, entry: Entry) -> float:
-        return freshness_lifetime(CIMultiDict(entry.headers), heuristic=self.heuristic,
-                                  heuristic_cap=self.heuristic_cap,
-                                  status=entry.status).lifetime
+        return entry.lifetime
+
+    def _entry(self, status: int, reason: str, fields: list[tuple[str, str]], body: bytes,
+               request_time: float, response_time: float, vary: str) -> Entry:
+        """An entry with what a hit needs already parsed (dates, lifetime, directives)."""
+        headers: CIMultiDict[str] = CIMultiDict(fields)
+        date, age_value = age_inputs(headers)
+        lifetime = freshness_lifetime(headers, heuristic=self.heuristic,
+                                      heuristic_cap=self.heuristic_cap,
+                                      status=status).lifetime
+        return Entry(status, reason, fields, body, request_time, response_time, vary,
+                     date=date, age_value=age_value, lifetime=lifetime,
+                     directives=parse_cache_control(headers.getall("Cache-Control", [])))
 
     async def _maybe_store(self, request: ProxyRequest, response: ProxyResponse, primary: str,
                            forward: str, request_time: float, done: Callable[[], None]
@@ -233,8 +242,8 @@ class Cache:
         async def save(data: bytes) -> None:
             if vary:
                 await store.put_vary(primary, vary)
-            await store.put(key, Entry(response.status, response.reason, fields, data,
-                                       request_time, response_time, vary))
+            await store.put(key, self._entry(response.status, response.reason, fields, data,
+                                             request_time, response_time, vary))
 
         if isinstance(body, bytes):
             await save(body)

@@ -16,6 +16,9 @@ __all__ = [
     "HEURISTIC_STATUSES",
     "CacheControl",
     "Freshness",
+    "accepts",
+    "age_from",
+    "age_inputs",
     "current_age",
     "freshness_lifetime",
     "invalidated_uris",
@@ -163,11 +166,21 @@ def freshness_lifetime(response_headers: Mapping[str, str], *, heuristic: bool =
     return Freshness(0.0, False)
 
 
+def age_inputs(response_headers: Mapping[str, str]) -> tuple[float | None, int]:
+    """(Date, Age) of a response, parsed once when it is stored."""
+    return (_http_date(_get(response_headers, "date")),
+            _seconds((_get(response_headers, "age") or "").strip()) or 0)
+
+
 def current_age(response_headers: Mapping[str, str], request_time: float,
                 response_time: float, now: float) -> float:
     """§4.2.3, with clocks as seconds since the epoch."""
-    date = _http_date(_get(response_headers, "date"))
-    age_value = _seconds((_get(response_headers, "age") or "").strip()) or 0
+    date, age_value = age_inputs(response_headers)
+    return age_from(date, age_value, request_time, response_time, now)
+
+
+def age_from(date: float | None, age_value: int, request_time: float, response_time: float,
+             now: float) -> float:
     apparent_age = max(0.0, response_time - date) if date is not None else 0.0
     response_delay = max(0.0, response_time - request_time)
     corrected_age_value = age_value + response_delay
@@ -181,12 +194,23 @@ def request_accepts(request_headers: Mapping[str, str], age: float, lifetime: fl
     age: "fresh" (serve), "stale-ok" (serve stale, max-stale allows it),
     "revalidate" (ask the origin), or "only-if-cached" miss handling is left to the
     caller via the directive itself."""
-    req_cc = parse_cache_control(_get_all(request_headers, "cache-control"))
     resp_cc = parse_cache_control(_get_all(response_headers, "cache-control"))
+    return accepts(request_headers, age, lifetime, resp_cc)
+
+
+def accepts(request_headers: Mapping[str, str], age: float, lifetime: float,
+            resp_cc: CacheControl) -> str:
+    """request_accepts() with the stored response's directives already parsed."""
+    req_values = _get_all(request_headers, "cache-control")
+    if not req_values and _get(request_headers, "pragma") is None:
+        # the common request: no directives of its own
+        if "no-cache" in resp_cc:
+            return "revalidate"
+        return "fresh" if age < lifetime else "revalidate"
+    req_cc = parse_cache_control(req_values)
     if "no-cache" in req_cc or "no-cache" in resp_cc:
         return "revalidate"
-    if _get(request_headers, "pragma") == "no-cache" and "cache-control" not in {
-            k.lower() for k in request_headers}:
+    if _get(request_headers, "pragma") == "no-cache" and not req_values:
         return "revalidate"  # §5.4: Pragma only without Cache-Control
     max_age = _seconds(req_cc.get("max-age")) if "max-age" in req_cc else None
     if max_age is not None and age > max_age:

@@ -22,6 +22,11 @@ class Entry:
     response_time: float
     vary: str = ""  # the response's Vary field ("" when none)
     tags: tuple[str, ...] = field(default=())
+    # Parsed once when stored, so a hit is arithmetic rather than date parsing:
+    date: float | None = None  # the Date field
+    age_value: int = 0  # the Age field
+    lifetime: float = 0.0  # freshness lifetime (RFC 9111 §4.2.1)
+    directives: dict[str, str | None] = field(default_factory=dict)  # Cache-Control
 
     @property
     def size(self) -> int:
