@@ -12,7 +12,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy.server import Edge
-from tests.helpers import port_of, start_backend, start_proxy_with_admin
+from tests.helpers import eventually, port_of, start_backend, start_proxy_with_admin
 
 
 class Flaky:
@@ -55,14 +55,6 @@ async def backend_states(edge: Edge) -> dict[str, dict[str, Any]]:
             f"http://127.0.0.1:{edge.admin_port}/status") as resp:
         doc = json.loads(await resp.read())["upstreams"]["app"]
     return {b["address"]: b for b in doc["backends"]} | {"_panic": doc["panic"]}
-
-
-async def eventually(check: Any, timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not await check():
-        assert loop.time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
 
 
 async def test_backend_killed_under_load_no_errors_ejected_then_readmitted() -> None:

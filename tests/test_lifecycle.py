@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -43,18 +42,10 @@ backends = [{", ".join(f'"127.0.0.1:{b}"' for b in backends)}]
     return conf, port
 
 
-@pytest.fixture
-def stop_later() -> Iterator[list[subprocess.Popen[bytes]]]:
-    procs: list[subprocess.Popen[bytes]] = []
-    yield procs
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
 
 
 async def test_sigterm_drains_in_flight_request(
-        tmp_path: Path, stop_later: list[subprocess.Popen[bytes]]) -> None:
+        tmp_path: Path, procs: list[subprocess.Popen[bytes]]) -> None:
     arrived = asyncio.Event()
 
     async def slow(request: web.BaseRequest) -> web.StreamResponse:
@@ -65,7 +56,7 @@ async def test_sigterm_drains_in_flight_request(
     _, listener = await start_backend(slow)
     conf, port = write_config(tmp_path, [port_of(listener)], 'graceful_timeout = "10s"')
     proc = run_bascule(conf)
-    stop_later.append(proc)
+    procs.append(proc)
     await asyncio.to_thread(wait_port, port)
     async with aiohttp.ClientSession() as client:
         request = asyncio.ensure_future(client.get(f"http://127.0.0.1:{port}/slow"))
@@ -88,14 +79,14 @@ async def test_sigterm_drains_in_flight_request(
 
 
 async def test_crashed_worker_is_restarted(
-        tmp_path: Path, stop_later: list[subprocess.Popen[bytes]]) -> None:
+        tmp_path: Path, procs: list[subprocess.Popen[bytes]]) -> None:
     async def hello(request: web.BaseRequest) -> web.StreamResponse:
         return web.Response(text="hello")
 
     _, listener = await start_backend(hello)
     conf, port = write_config(tmp_path, [port_of(listener)], "workers = 2")
     proc = run_bascule(conf)
-    stop_later.append(proc)
+    procs.append(proc)
     await asyncio.to_thread(wait_port, port)
     assert await asyncio.to_thread(poll, lambda: len(children_of(proc.pid)) == 2, 10)
     victim = children_of(proc.pid)[0]
@@ -157,12 +148,12 @@ def _ports_free(*ports: int) -> bool:
 
 
 async def test_demo_balances_over_three_named_backends(
-        stop_later: list[subprocess.Popen[bytes]]) -> None:
+        procs: list[subprocess.Popen[bytes]]) -> None:
     if not _ports_free(8080, 9001, 9002, 9003, 9901):
         pytest.skip("demo ports 8080/9001-9003/9901 are in use on this machine")
     proc = subprocess.Popen([sys.executable, "-m", "proxy", "demo"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    stop_later.append(proc)
+    procs.append(proc)
     for port in (8080, 9001, 9002, 9003):
         await asyncio.to_thread(wait_port, port)
     async with aiohttp.ClientSession() as client:

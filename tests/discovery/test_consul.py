@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from aiohttp import web
 
 from proxy.server import Edge
 from tests.consul_emulator import ConsulEmulator
+from tests.helpers import eventually as wait_until
 from tests.helpers import free_port, port_of, start_backend, start_proxy_with_admin
 
 
@@ -60,12 +62,7 @@ consul = {{ {upstream} }}
 """)
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not await check():
-        assert loop.time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
+eventually = functools.partial(wait_until, timeout=5.0)
 
 
 async def status(edge: Edge) -> dict[str, Any]:
