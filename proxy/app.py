@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,12 +20,14 @@ from proxy.headers import IPNetwork
 from proxy.health import HealthMonitor
 from proxy.loader import PLUGIN_GROUP, STRATEGY_GROUP, load
 from proxy.models import Backend, BackendSet
-from proxy.plugin import Plugin
+from proxy.plugin import Plugin, PluginContext
 from proxy.routing import Route, RouteTable
 from proxy.strategy import Strategy
 from proxy.upstream.pool import BackendPool
 
 __all__ = ["Runtime", "Upstream", "build_runtime", "build_strategy"]
+
+log = logging.getLogger("bascule")
 
 
 class Upstream:
@@ -75,6 +78,7 @@ class Runtime:
     trusted: tuple[IPNetwork, ...]
     discovery: ConsulDiscovery | None = None
     chains: dict[str, tuple[Plugin, ...]] = field(default_factory=dict)  # route -> plugins
+    plugins: dict[str, Plugin] = field(default_factory=dict)  # every built plugin, by name
     file: str = ""
     config_hash: str = ""
     loaded_at: float = 0.0
@@ -85,7 +89,21 @@ class Runtime:
     def unavailable_reason(self, upstream: str) -> str | None:
         return self.discovery.unavailable_reason(upstream) if self.discovery else None
 
+    async def start_plugins(self, metrics: Any) -> None:
+        context = PluginContext(redis=self.config.redis, metrics=metrics)
+        for plugin in self.plugins.values():
+            start = getattr(plugin, "start", None)
+            if start is not None:
+                await start(context)
+
     async def aclose(self) -> None:
+        for name, plugin in self.plugins.items():
+            close = getattr(plugin, "aclose", None)
+            if close is not None:
+                try:
+                    await close()
+                except Exception:  # one plugin's failure must not stop the others closing
+                    log.exception("plugin %s failed to close", name)
         for upstream in self.upstreams.values():
             await upstream.health.stop()
         if self.discovery is not None:
@@ -195,6 +213,18 @@ def build_plugins(config: Config, file: str) -> dict[str, Plugin]:
     return built
 
 
+def build_cache(config: Config, file: str) -> Plugin:
+    """The `[cache]` table's cache, for routes with `cache = true`."""
+    factory = load(PLUGIN_GROUP, "cache")
+    try:
+        return factory(dict(config.cache))  # type: ignore[no-any-return]
+    except ValueError as exc:
+        option, sep, rest = str(exc).partition(": ")
+        if sep and " " not in option:
+            raise ConfigError([ConfigProblem(file, f"cache.{option}", rest)]) from None
+        raise ConfigError([ConfigProblem(file, "cache", str(exc))]) from None
+
+
 def build_runtime(config: Config, file: str) -> Runtime:
     problems: list[ConfigProblem] = []
     upstreams: dict[str, Upstream] = {}
@@ -225,14 +255,18 @@ def build_runtime(config: Config, file: str) -> Runtime:
         for i, r in enumerate(config.routes)
     ])
     built = build_plugins(config, file)
-    chains = {route.name: tuple(built[p] for p in route.plugins)
-              for route in routes.routes if route.plugins}
+    wanted = [(route, [*route.plugins, *(["cache"] if cfg.cache else [])])
+              for route, cfg in zip(routes.routes, config.routes, strict=True)]
+    if "cache" not in built and any("cache" in names for _, names in wanted):
+        built["cache"] = build_cache(config, file)
+    chains = {route.name: tuple(built[p] for p in dict.fromkeys(names))
+              for route, names in wanted if names}
     discovery = (ConsulDiscovery(config, upstreams)
                  if any(u.config.consul for u in upstreams.values()) or (
                      config.consul.self_register is not None) else None)
     return Runtime(
         config=config, server=config.server, routes=routes, upstreams=upstreams,
-        discovery=discovery, chains=chains,
+        discovery=discovery, chains=chains, plugins=built,
         trusted=config.server.trusted_networks(), file=file,
         config_hash=hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:16],
         loaded_at=time.time(),

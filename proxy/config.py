@@ -169,6 +169,7 @@ class RouteConfig(_Strict):
     websocket: bool = True
     access_log: bool = True
     plugins: list[str] = Field(default_factory=list)  # names from [[plugins]], outermost first
+    cache: bool = False  # the [cache] plugin, innermost (after the route's own plugins)
 
     @field_validator("host")
     @classmethod
@@ -377,6 +378,39 @@ class PluginConfig(_Strict):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+class RedisConfig(_Strict):
+    """`[redis]`: the Redis shared by stateful plugins (the cache's `store = "redis"`)."""
+
+    url: str = "redis://127.0.0.1:6379/0"  # redis:// or rediss:// (TLS), db in the path
+    cluster: bool = False  # Redis Cluster via redis-py's cluster client
+    key_prefix: str = "bascule:"
+    pool_size: int = Field(default=32, ge=1, le=10_000)  # connections per worker
+    timeout: Duration = 0.05  # per operation; a slower Redis counts as down
+    breaker_failures: int = Field(default=3, ge=1)  # failures in a row that open it
+    breaker_cooldown: Duration = 5.0  # then calls are skipped this long
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f'must be a redis://, rediss:// or unix:// URL, got {value!r}')
+        return value
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if "{" in value or "}" in value:
+            raise ValueError("must not contain { or } (they delimit Redis Cluster hash tags)")
+        return value
+
+    @field_validator("timeout")
+    @classmethod
+    def _timeout(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("must be more than 0")
+        return value
+
+
 class Config(_Strict):
     server: ServerConfig = Field(default_factory=ServerConfig)
     admin: AdminConfig = Field(default_factory=AdminConfig)
@@ -384,6 +418,10 @@ class Config(_Strict):
     upstreams: dict[str, UpstreamConfig] = Field(min_length=1)
     consul: ConsulConfig = Field(default_factory=ConsulConfig)
     plugins: list[PluginConfig] = Field(default_factory=list)
+    # `[cache]`: options of the cache routes turn on with `cache = true`; validated
+    # by the cache plugin itself (reported as cache.<option>).
+    cache: dict[str, Any] = Field(default_factory=dict)
+    redis: RedisConfig = Field(default_factory=RedisConfig)
 
 
 def _format_loc(loc: tuple[int | str, ...]) -> str:
@@ -453,8 +491,8 @@ def _cross_check(data: dict[str, Any], file: str) -> list[ConfigProblem]:
     for i, route in enumerate(routes if isinstance(routes, list) else []):
         wanted = route.get("plugins") if isinstance(route, dict) else None
         for j, pname in enumerate(wanted if isinstance(wanted, list) else []):
-            if isinstance(pname, str) and pname not in plugin_names:
-                known = ", ".join(sorted(plugin_names)) or "none"
+            if isinstance(pname, str) and pname not in plugin_names and pname != "cache":
+                known = ", ".join(sorted({*plugin_names, "cache"}))
                 problems.append(ConfigProblem(
                     file, f"routes[{i}].plugins[{j}]",
                     f"plugin {pname!r} is not defined in [[plugins]] (defined: {known})"))

@@ -116,6 +116,8 @@ class Metrics:
         self._backend_ids: set[str] = set()
         self._retries: dict[str, int] = {}
         self._budget_exhausted: dict[str, int] = {}
+        self._cache_lookups: dict[tuple[str, str], int] = {}
+        self._cache_store_errors: dict[str, int] = {}
         # (upstream, source) -> [updates, errors, last success time, stale]
         self._discovery: dict[tuple[str, str], list[float]] = {}
         self._gauges_from: Callable[[], Iterable[tuple[str, str, int, bool]]] = lambda: ()
@@ -256,6 +258,13 @@ class Metrics:
     def record_budget_exhausted(self, upstream: str) -> None:
         self._budget_exhausted[upstream] = self._budget_exhausted.get(upstream, 0) + 1
 
+    def record_cache_lookup(self, route: str, result: str) -> None:
+        key = (route, result)
+        self._cache_lookups[key] = self._cache_lookups.get(key, 0) + 1
+
+    def record_cache_store_error(self, store: str) -> None:
+        self._cache_store_errors[store] = self._cache_store_errors.get(store, 0) + 1
+
     def record_retry(self, upstream: str) -> None:
         self._retries[upstream] = self._retries.get(upstream, 0) + 1
 
@@ -298,6 +307,12 @@ class Metrics:
         retries, self._retries = self._retries, {}
         for upstream, count in retries.items():
             self.retries.labels(upstream).inc(count)
+        lookups, self._cache_lookups = self._cache_lookups, {}
+        for (route, result), count in lookups.items():
+            self.cache_lookups.labels(route, result).inc(count)
+        store_errors, self._cache_store_errors = self._cache_store_errors, {}
+        for store, count in store_errors.items():
+            self.cache_store_errors.labels(store).inc(count)
         exhausted, self._budget_exhausted = self._budget_exhausted, {}
         for upstream, count in exhausted.items():
             self.retry_budget_exhausted.labels(upstream).inc(count)

@@ -7,6 +7,10 @@ the client, so a plugin can wrap or tee the stream (a cache storing while servin
 and every plugin is testable without sockets.
 
 Routes without plugins never build these objects: they keep the direct path.
+
+Lifecycle: a plugin may define `async start(context)` (called in the worker once its
+event loop runs, before the plugin serves a request: open connections there) and
+`async aclose()` (called when its runtime retires after a reload, or at shutdown).
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from typing import Any, Protocol
 
 from multidict import CIMultiDict
 
-__all__ = ["Handler", "Plugin", "PluginFactory", "ProxyRequest", "ProxyResponse"]
+__all__ = ["Handler", "Plugin", "PluginContext", "PluginFactory", "ProxyRequest",
+           "ProxyResponse"]
 
 
 @dataclass
@@ -48,6 +53,14 @@ class ProxyResponse:
 
 
 Handler = Callable[[ProxyRequest], Awaitable[ProxyResponse]]
+
+
+@dataclass
+class PluginContext:
+    """What a plugin gets at start(): shared settings and the worker's metrics."""
+
+    redis: Any  # proxy.config.RedisConfig: the [redis] table
+    metrics: Any  # proxy.metrics.Metrics
 
 
 class Plugin(Protocol):

@@ -47,8 +47,14 @@ class ReloadResult:
 
 
 def carry_over(old: Runtime, new: Runtime) -> None:
-    """Keep what survives a reload: Backend objects (stats, health) and connection
-    pools of backends whose identity and pool settings are unchanged."""
+    """Keep what survives a reload: Backend objects (stats, health), connection
+    pools of backends whose identity and pool settings are unchanged, and what a
+    plugin of the same name chooses to adopt (the cache keeps its memory store)."""
+    for name, plugin in new.plugins.items():
+        previous_plugin = old.plugins.get(name)
+        adopt = getattr(plugin, "adopt", None)
+        if previous_plugin is not None and adopt is not None:
+            adopt(previous_plugin)
     for name, upstream in new.upstreams.items():
         previous = old.upstreams.get(name)
         if previous is None:
@@ -119,6 +125,7 @@ class Reloader:
         new.loop = loop
         carry_over(old, new)
         edge.start_health(new)
+        await new.start_plugins(edge.metrics)
         if new.discovery is not None:
             registered = old.discovery.registered_id if old.discovery else None
             await new.discovery.start(edge.metrics, register=False, **edge.discovery_args())

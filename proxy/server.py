@@ -25,6 +25,7 @@ from proxy.app import Runtime, sweep_forever
 from proxy.config import parse_hostport
 from proxy.forward import Forwarder
 from proxy.metrics import Metrics, multiprocess_dir_is_set
+from proxy.purge import PurgeBroadcast, PurgeSpec, apply_purge
 from proxy.reload import Reloader
 
 __all__ = ["BasculeServer", "Edge", "c_parser_in_use", "listen_socket", "serve_worker"]
@@ -182,6 +183,7 @@ class Edge:
         self.worker_id = worker_id
         self.supervised = supervised
         self.reloader = Reloader(self)
+        self.purges = PurgeBroadcast()
         admin_host = parse_hostport(runtime.config.admin.listen, default_host="0.0.0.0")[0]
         self.admin_is_loopback = _is_loopback(admin_host)
         token_file = runtime.config.admin.token_file
@@ -229,6 +231,7 @@ class Edge:
             if upstream.config.consul is None:
                 self.metrics.record_discovery(name, "static", ok=True)
         self.start_health(runtime)
+        await runtime.start_plugins(self.metrics)
         if runtime.discovery is not None:
             await runtime.discovery.start(self.metrics, register=self.worker_id <= 1,
                                           **self.discovery_args())
@@ -318,6 +321,8 @@ class Edge:
 
     async def _admin(self, request: web.BaseRequest) -> web.StreamResponse:
         path = request.path
+        if path == "/cache/purge":
+            return await self._purge(request)
         if path == "/reload":
             if request.method != "POST":
                 return web.Response(status=405, text="method not allowed\n",
@@ -356,6 +361,34 @@ class Edge:
             return web.json_response(document)
         return web.Response(status=404, text="not found\n")
 
+    async def _purge(self, request: web.BaseRequest) -> web.Response:
+        if request.method != "POST":
+            return web.Response(status=405, text="method not allowed\n",
+                                headers={"Allow": "POST"})
+        refusal = self._may_mutate(request)
+        if refusal is not None:
+            return refusal
+        try:
+            spec = PurgeSpec.from_query(request.query)
+        except ValueError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        plugins = self.forwarder.runtime.plugins
+        try:
+            removed = await apply_purge(plugins, spec)
+        except Exception as exc:  # the store is down: say so, do not pretend
+            log.warning("cache purge failed: %r", exc)
+            return web.json_response({"error": f"{type(exc).__name__}: {exc}"}, status=503)
+        local = any(getattr(p, "store_kind", "") == "memory" for p in plugins.values())
+        if local and self.supervised and self.purges.enabled:
+            self.purges.send(spec)
+        return web.json_response({"purged": removed, "broadcast": local and self.supervised})
+
+    def apply_broadcast_purges(self) -> None:
+        """SIGUSR1: another worker purged its memory cache; do the same here."""
+        for spec in self.purges.receive():
+            asyncio.get_running_loop().create_task(
+                apply_purge(self.forwarder.runtime.plugins, spec))
+
     async def drain(self, timeout: float) -> None:
         """Stop accepting, let in-flight requests finish (up to timeout), close."""
         self.draining = True
@@ -391,6 +424,7 @@ async def serve_worker(runtime: Runtime, worker_id: int,
         loop.add_signal_handler(sig, stop.set)
     if stop_requested:
         stop.set()
+    loop.add_signal_handler(signal.SIGUSR1, edge.apply_broadcast_purges)
     loop.add_signal_handler(signal.SIGHUP,
                             lambda: loop.create_task(edge.reloader.reload()))
     log.info("worker %d serving on %s", worker_id, ", ".join(cfg.listen))

@@ -21,6 +21,7 @@ from prometheus_client.multiprocess import mark_process_dead
 
 from proxy.app import build_runtime
 from proxy.config import Config
+from proxy.purge import PURGE_DIR_ENV
 from proxy.server import listen_socket, serve_worker
 
 __all__ = ["run_supervisor"]
@@ -35,6 +36,7 @@ def _worker_main(config: Config, file: str, worker_id: int) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _frame: stop_requested.append(signum))
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # purge broadcast: the loop handles it
     try:
         runtime = build_runtime(config, file)
         loop_factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop
@@ -85,10 +87,13 @@ def run_supervisor(config: Config, file: str) -> int:
     # leaks into the totals; removed at exit.
     metrics_dir = tempfile.mkdtemp(prefix="bascule-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    purge_dir = tempfile.mkdtemp(prefix="bascule-purge-")  # proxy/purge.py
+    os.environ[PURGE_DIR_ENV] = purge_dir
     try:
         return _supervise(config, file, metrics_dir)
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
+        shutil.rmtree(purge_dir, ignore_errors=True)
 
 
 def _supervise(config: Config, file: str, metrics_dir: str) -> int:
@@ -105,7 +110,7 @@ def _supervise(config: Config, file: str, metrics_dir: str) -> int:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
 
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
         signal.signal(sig, forward)
 
     for worker_id in range(1, count + 1):

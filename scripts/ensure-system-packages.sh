@@ -5,7 +5,8 @@ set -euo pipefail
 
 # command:package pairs
 case "${1:-}" in
-  test)  need=(promtool:prometheus prometheus:prometheus) ;;   # the metrics tests
+  test)  need=(promtool:prometheus prometheus:prometheus   # the metrics tests
+               redis-server:redis-server redis-cli:redis-tools) ;;   # the cache tests
   bench) need=(wrk:wrk nginx:nginx haproxy:haproxy) ;;
   *) echo "usage: $0 test|bench" >&2; exit 2 ;;
 esac

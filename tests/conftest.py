@@ -6,6 +6,8 @@ from collections.abc import AsyncIterator, Iterator
 import aiohttp
 import pytest
 
+from tests.redis_servers import RedisCluster, RedisServer
+
 
 @pytest.fixture
 def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
@@ -22,3 +24,20 @@ def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
 async def client() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(auto_decompress=False) as session:
         yield session
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A redis-server of the test's own on a free port (kill() and start() again)."""
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisCluster]:
+    """A three-node Redis Cluster on loopback ports, shared by the session's tests
+    (each test uses its own key prefix)."""
+    cluster = RedisCluster().start()
+    yield cluster
+    cluster.stop()

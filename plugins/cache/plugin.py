@@ -1,18 +1,23 @@
-"""The response cache plugin (in progress, issue #4): a shared cache following RFC
-9111 (policy.py) over a store (store.py). Done so far: memory store; storing only what
-a shared cache may store; serving fresh hits with Age; request directives; Vary
-variants; HEAD from GET entries; revalidation with If-None-Match / If-Modified-Since
-and 304 refreshes; client conditionals answered from fresh entries; stale-if-error;
-invalidation by unsafe methods; concurrent misses for one key coalesced within the
-worker; RFC 9211 Cache-Status on every response; bodies teed into the store while
-streaming to the first client. To come: the Redis store and fleet-wide coalescing,
-stale-while-revalidate, purge, and the `[cache]` table / `cache = true` route switch.
+"""The response cache plugin: a shared cache following RFC 9111 (policy.py) over a
+store (store.py: memory per worker; redis_store.py: Redis shared by the fleet).
+
+Per request: look up; serve fresh (or allowed-stale) entries with Age and an RFC 9211
+Cache-Status; revalidate stale ones (304 refreshes the stored fields); on a miss make
+sure one request fills the key — in this worker (a future per key) and, with a shared
+store, in the whole fleet (the store's fill lock) — while the others wait, bounded by
+`lock_timeout`, and are served from the fill. The filling response streams to its
+client while a copy is kept; the copy is written to the store after the last chunk,
+off the client's path. stale-while-revalidate serves at once and refreshes in the
+background (one refresh per key in the fleet, through the same lock);
+stale-if-error serves stale when the origin fails or answers 5xx.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from email.utils import parsedate_to_datetime
@@ -31,16 +36,21 @@ from plugins.cache.policy import (
     storable,
     vary_key,
 )
-from plugins.cache.store import Entry, MemoryStore
-from proxy.plugin import Handler, ProxyRequest, ProxyResponse
+from plugins.cache.ranges import RangeAnswer, answer_range
+from plugins.cache.store import CacheStore, Entry, MemoryStore
+from proxy.plugin import Handler, PluginContext, ProxyRequest, ProxyResponse
 from proxy.units import parse_duration, parse_size
 
 __all__ = ["Cache"]
 
-_OPTIONS = {"memory_max_size", "max_object_size", "heuristic_freshness", "heuristic_cap",
-            "ignore_set_cookie", "key_headers", "drop_query", "lock_timeout",
-            "stale_if_error"}
+log = logging.getLogger("bascule.cache")
+
+_OPTIONS = {"store", "memory_max_size", "max_object_size", "heuristic_freshness",
+            "heuristic_cap", "ignore_set_cookie", "key_headers", "drop_query",
+            "lock_timeout", "stale_while_revalidate", "stale_if_error", "tag_headers",
+            "validator_grace"}
 _NOT_STORED = frozenset({"cache-status", "age"})
+_NO_STALE = ("no-cache", "must-revalidate", "proxy-revalidate")
 
 
 def _option(options: dict[str, Any], name: str, default: Any, parse: Callable[[Any], Any]
@@ -63,12 +73,25 @@ def _names(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _store_kind(value: Any) -> str:
+    if value not in ("memory", "redis"):
+        raise ValueError(f'must be "memory" or "redis", got {value!r}')
+    return str(value)
+
+
+def _seconds(value: str | None) -> float | None:
+    return float(value) if value is not None and value.isdigit() else None
+
+
 class Cache:
     def __init__(self, options: dict[str, Any]) -> None:
         for key in options:
             if key not in _OPTIONS:
                 raise ValueError(f"{key}: unknown option (allowed: {', '.join(sorted(_OPTIONS))})")
-        self.store = MemoryStore(_option(options, "memory_max_size", "64MiB", parse_size))
+        self.options = dict(options)
+        self.store_kind = _option(options, "store", "memory", _store_kind)
+        self.store: CacheStore = MemoryStore(
+            _option(options, "memory_max_size", "64MiB", parse_size))
         self.max_object_size = _option(options, "max_object_size", "8MiB", parse_size)
         self.heuristic = _option(options, "heuristic_freshness", True, _bool)
         self.heuristic_cap = _option(options, "heuristic_cap", "1h", parse_duration)
@@ -76,82 +99,233 @@ class Cache:
         self.key_headers = tuple(h.lower() for h in _option(options, "key_headers", [], _names))
         self.drop_query = frozenset(_option(options, "drop_query", [], _names))
         self.lock_timeout = _option(options, "lock_timeout", "5s", parse_duration)
+        self.stale_while_revalidate = _option(options, "stale_while_revalidate", "0s",
+                                              parse_duration)
         self.stale_if_error = _option(options, "stale_if_error", "0s", parse_duration)
+        self.tag_headers = _option(options, "tag_headers", ["Cache-Tag", "Surrogate-Key"],
+                                   _names)
+        # Entries with a validator are kept this long past their stale windows, so a
+        # revalidation can still turn them into 304s (like nginx's `inactive`).
+        self.validator_grace = _option(options, "validator_grace", "10m", parse_duration)
         self._fills: dict[str, asyncio.Future[None]] = {}
+        self._refreshing: set[str] = set()
+        self._background: set[asyncio.Task[Any]] = set()
+        self._lookups: Callable[[str, str], None] = lambda route, result: None
 
-    # -- keys -------------------------------------------------------------------------
+    # -- lifecycle -----------------------------------------------------------------------
 
-    def _primary(self, host: str, target: str, headers: CIMultiDict[str] | None = None) -> str:
+    async def start(self, context: PluginContext) -> None:
+        metrics = context.metrics
+        if metrics is not None and metrics.enabled:
+            self._lookups = metrics.record_cache_lookup
+        if self.store_kind == "redis" and not isinstance(self.store, _redis_store_type()):
+            redis = context.redis
+            store_type = _redis_store_type()
+            self.store = store_type(
+                redis.url, cluster=redis.cluster, prefix=redis.key_prefix + "cache:",
+                pool_size=redis.pool_size, timeout=redis.timeout,
+                breaker_failures=redis.breaker_failures,
+                breaker_cooldown=redis.breaker_cooldown,
+                on_error=metrics.record_cache_store_error if metrics is not None
+                and metrics.enabled else None)
+
+    def adopt(self, previous: Any) -> None:
+        """After a reload with the same options, keep the memory store's entries."""
+        if (isinstance(previous, Cache) and previous.options == self.options
+                and isinstance(previous.store, MemoryStore)):
+            self.store = previous.store
+            previous.store = MemoryStore(0)
+
+    async def aclose(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        for task in list(self._background):
+            with contextlib.suppress(BaseException):
+                await task
+        await self.store.aclose()
+
+    # -- keys ----------------------------------------------------------------------------
+
+    def primary_key(self, host: str, target: str) -> str:
         path, _, query = target.partition("?")
         if query and self.drop_query:
             kept = [p for p in query.split("&") if p.partition("=")[0] not in self.drop_query]
             query = "&".join(kept)
-        key = f"{host.lower()}{path}" + (f"?{query}" if query else "")
-        if self.key_headers and headers is not None:
-            key += "".join(f"\n{h}={headers.get(h, '')}" for h in self.key_headers)
-        return key
+        return f"{host.lower()}{path}" + (f"?{query}" if query else "")
 
-    async def _lookup(self, primary: str, request: ProxyRequest) -> tuple[str, Entry | None]:
-        vary = await self.store.get_vary(primary)
-        key = primary + "\n\n" + (vary_key({"Vary": vary}, request.headers.items())
-                                  if vary else "")
-        return key, await self.store.get(key)
+    def _secondary(self, headers: CIMultiDict[str]) -> Callable[[str], str]:
+        prefix = "".join(f"{h}={headers.get(h, '')}\n" for h in self.key_headers)
 
-    # -- the chain step ----------------------------------------------------------------
+        def secondary(vary: str) -> str:
+            return prefix + vary_key({"Vary": vary}, headers.items()) if vary else prefix
+
+        return secondary
+
+    # -- purge (the admin endpoint) ---------------------------------------------------------
+
+    def _url_key(self, url: str) -> str:
+        parts = urlsplit(url if "://" in url else "http://" + url)
+        return self.primary_key(parts.netloc, (parts.path or "/")
+                                + (f"?{parts.query}" if parts.query else ""))
+
+    async def purge(self, *, url: str | None = None, prefix: str | None = None,
+                    tag: str | None = None) -> int:
+        if url is not None:
+            return await self.store.purge(self._url_key(url))
+        if prefix is not None:
+            key = self._url_key(prefix)
+            if not prefix.rstrip().endswith("/") and key.endswith("/") and (
+                    urlsplit(prefix if "://" in prefix else "http://" + prefix).path == ""):
+                key = key[:-1]  # "example.com" means everything on that host
+            return await self.store.purge_prefix(key)
+        if tag is not None:
+            return await self.store.purge_tag(tag)
+        raise ValueError("give url, prefix or tag")
+
+    # -- the chain step --------------------------------------------------------------------
 
     async def __call__(self, request: ProxyRequest, call_next: Handler) -> ProxyResponse:
         host = request.headers.get("Host", "")
         if request.method not in ("GET", "HEAD"):
-            response = await call_next(request)
-            uri = f"http://{host}{request.target}"
-            for target in invalidated_uris(request.method, response.status, uri,
-                                           response.headers):
-                parts = urlsplit(target)
-                path = parts.path + (f"?{parts.query}" if parts.query else "")
-                await self.store.delete_prefix(self._primary(parts.netloc, path) + "\n")
-            return response
-        primary = self._primary(host, request.target, request.headers)
-        key, entry = await self._lookup(primary, request)
-        req_cc = parse_cache_control(request.headers.getall("Cache-Control", []))
-        if entry is None and request.method == "GET":
-            waiter = self._fills.get(primary)
-            if waiter is not None:  # someone is fetching this key: wait, then look again
-                with contextlib.suppress(TimeoutError):  # bounded: then fetch ourselves
-                    await asyncio.wait_for(asyncio.shield(waiter), self.lock_timeout)
-                key, entry = await self._lookup(primary, request)
+            return await self._unsafe(request, call_next, host)
+        primary = self.primary_key(host, request.target)
+        secondary = self._secondary(request.headers)
+        entry = await self.store.get(primary, secondary)
+        token: str | None = None
+        if entry is None and request.method == "GET" and "Range" not in request.headers:
+            entry, token = await self._claim_fill(primary, secondary)
         if entry is not None:
-            age = age_from(entry.date, entry.age_value, entry.request_time,
-                           entry.response_time, time.time())
-            decision = accepts(request.headers, age, entry.lifetime, entry.directives)
-            if decision in ("fresh", "stale-ok"):
-                return self._serve(request, entry, age, "hit" if decision == "fresh"
-                                   else "hit; detail=stale")
-            if "only-if-cached" in req_cc:
-                return _gateway_timeout("only-if-cached")
-            return await self._revalidate(request, call_next, primary, key, entry, age)
-        if "only-if-cached" in req_cc:
+            return await self._from_entry(request, call_next, primary, secondary, entry)
+        return await self._miss(request, call_next, primary, secondary, token)
+
+    async def _unsafe(self, request: ProxyRequest, call_next: Handler, host: str
+                      ) -> ProxyResponse:
+        response = await call_next(request)
+        uri = f"http://{host}{request.target}"
+        for target in invalidated_uris(request.method, response.status, uri,
+                                       response.headers):
+            await self.store.purge(self._url_key(target))
+        return response
+
+    async def _from_entry(self, request: ProxyRequest, call_next: Handler, primary: str,
+                          secondary: Callable[[str], str], entry: Entry) -> ProxyResponse:
+        age = age_from(entry.date, entry.age_value, entry.request_time,
+                       entry.response_time, time.time())
+        decision = accepts(request.headers, age, entry.lifetime, entry.directives)
+        if decision == "fresh":
+            self._lookups(request.route, "hit")
+            return self._serve(request, entry, age, "hit")
+        if decision == "stale-ok":
+            self._lookups(request.route, "stale")
+            return self._serve(request, entry, age, "hit; detail=stale")
+        if "only-if-cached" in request.headers.get("Cache-Control", ""):
+            self._lookups(request.route, "miss")
             return _gateway_timeout("only-if-cached")
-        if request.method == "HEAD":
-            return _mark(await call_next(request), "fwd=miss")
-        fill: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._fills[primary] = fill
+        stale_for = age - entry.lifetime
+        window = self._stale_window(entry, "stale-while-revalidate",
+                                    self.stale_while_revalidate)
+        if 0 <= stale_for <= window and _plain_request(request.headers):
+            self._lookups(request.route, "stale")
+            self._refresh_in_background(request, call_next, primary, secondary, entry)
+            return self._serve(request, entry, age, "hit; detail=stale-while-revalidate")
+        return await self._revalidate(request, call_next, primary, secondary, entry, age)
+
+    def _stale_window(self, entry: Entry, directive: str, default: float) -> float:
+        """How long past freshness this entry may be served stale in the given way:
+        the origin's own directive (RFC 5861), else the configured default — unless
+        a directive forbids serving it stale (RFC 9111 §4.2.4)."""
+        directives = entry.directives
+        explicit = _seconds(directives.get(directive))
+        if any(d in directives for d in _NO_STALE):
+            return 0.0
+        if explicit is not None:
+            return explicit  # the origin asked for it (wins over s-maxage's implied revalidate)
+        if "s-maxage" in directives:
+            return 0.0
+        return float(default)
+
+    async def _claim_fill(self, primary: str, secondary: Callable[[str], str]
+                          ) -> tuple[Entry | None, str | None]:
+        """Either the entry another request just stored, or the right to fill this key
+        (a fill-lock token; None after waiting `lock_timeout` in vain: fill anyway)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.lock_timeout
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return None, None
+            local = self._fills.get(primary)
+            if local is not None:  # this worker is filling already
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(local), remaining)
+                entry = await self.store.get(primary, secondary)
+                if entry is not None or local is self._fills.get(primary):
+                    return entry, None
+                continue
+            fill: asyncio.Future[None] = loop.create_future()
+            self._fills[primary] = fill  # this request fills for the worker
+            try:
+                token = await self.store.lock(primary, self.lock_timeout)
+                if token is not None:
+                    return None, token
+                # Another process fills: wait for it, then look (or take over the
+                # lock if its holder died or gave up).
+                await self.store.wait_fill(primary, remaining)
+                entry = await self.store.get(primary, secondary)
+                if entry is not None:
+                    self._release_local(primary, fill)
+                    return entry, None
+            except BaseException:
+                self._release_local(primary, fill)
+                raise
+            self._release_local(primary, fill)
+
+    def _release_local(self, primary: str, fill: asyncio.Future[None]) -> None:
+        if self._fills.get(primary) is fill:
+            del self._fills[primary]
+        if not fill.done():
+            fill.set_result(None)
+
+    def _fill_done(self, primary: str, token: str | None) -> Callable[[], None]:
+        """What ends a fill: waiters in this worker and the fleet look again."""
+        fill = self._fills.get(primary)
+        called = False
 
         def done() -> None:
-            if self._fills.get(primary) is fill:
-                del self._fills[primary]
-            if not fill.done():
-                fill.set_result(None)
+            nonlocal called
+            if called:
+                return
+            called = True
+            if fill is not None:
+                self._release_local(primary, fill)
+            if token is not None:
+                self._spawn(self.store.unlock(primary, token))
 
+        return done
+
+    async def _miss(self, request: ProxyRequest, call_next: Handler, primary: str,
+                    secondary: Callable[[str], str], token: str | None) -> ProxyResponse:
+        done = self._fill_done(primary, token)
+        self._lookups(request.route, "miss")
+        if "only-if-cached" in request.headers.get("Cache-Control", ""):
+            done()
+            return _gateway_timeout("only-if-cached")
+        if request.method == "HEAD" or "Range" in request.headers:
+            # HEAD cannot fill a GET entry; a range request on a miss is passed through
+            # (a later full GET fills the entry, and ranges are then served from it).
+            done()
+            detail = "fwd=miss" if request.method == "HEAD" else "fwd=miss; detail=range"
+            return _mark(await call_next(request), detail)
         try:
             request_time = time.time()
             response = await call_next(request)
-            return await self._maybe_store(request, response, primary, "fwd=miss",
+            return await self._maybe_store(request, response, primary, secondary, "fwd=miss",
                                            request_time, done)
         except BaseException:
             done()
             raise
 
-    # -- helpers ------------------------------------------------------------------------
+    # -- serving from an entry ---------------------------------------------------------------
 
     def _serve(self, request: ProxyRequest, entry: Entry, age: float, status: str
                ) -> ProxyResponse:
@@ -162,31 +336,33 @@ class Cache:
                 and _not_modified(request.headers, headers):
             return ProxyResponse(304, CIMultiDict(
                 (k, v) for k, v in headers.items()
-                if k.lower() not in ("content-type", "content-encoding", "content-language")),
+                if k.lower() not in ("content-type", "content-encoding", "content-language",
+                                     "content-length")),
                 b"", "Not Modified")
+        range_header = request.headers.get("Range")
+        if range_header is not None and request.method == "GET" and entry.status == 200:
+            answer = answer_range(range_header, request.headers.get("If-Range"), entry)
+            if answer is not None:
+                return _ranged(headers, entry, answer)
         return ProxyResponse(entry.status, headers, entry.body, entry.reason, len(entry.body))
 
+    # -- revalidation ------------------------------------------------------------------------
+
     async def _revalidate(self, request: ProxyRequest, call_next: Handler, primary: str,
-                          key: str, entry: Entry, age: float) -> ProxyResponse:
+                          secondary: Callable[[str], str], entry: Entry, age: float,
+                          *, background: bool = False) -> ProxyResponse:
         stored: CIMultiDict[str] = CIMultiDict(entry.headers)
-        client_conditionals = {h: request.headers.get(h)
-                               for h in ("If-None-Match", "If-Modified-Since")}
-        for header, source in (("If-None-Match", "ETag"), ("If-Modified-Since", "Last-Modified")):
-            request.headers.popall(header, None)
-            if source in stored:
-                request.headers[header] = stored[source]
+        conditional = _conditional_copy(request, stored)
+        sie = self._stale_window(entry, "stale-if-error", self.stale_if_error)
+        within_sie = age - entry.lifetime <= sie
         request_time = time.time()
         try:
-            response = await call_next(request)
+            response = await call_next(conditional)
         except Exception:
-            if self.stale_if_error and age - self._lifetime(entry) <= self.stale_if_error:
+            if within_sie and sie and not background:
+                self._lookups(request.route, "stale")
                 return self._serve(request, entry, age, "hit; detail=stale-if-error")
             raise
-        finally:
-            for header, value in client_conditionals.items():
-                request.headers.popall(header, None)
-                if value is not None:
-                    request.headers[header] = value
         if response.status == 304:
             await response.aclose()
             # §4.3.4: the stored response's fields are updated from the 304
@@ -194,34 +370,97 @@ class Cache:
                 if name.lower() not in _NOT_STORED | {"content-length"}:
                     stored[name] = value
             refreshed = self._entry(entry.status, entry.reason, list(stored.items()),
-                                    entry.body, request_time, time.time(), entry.vary)
-            await self.store.put(key, refreshed)
+                                    entry.body, request_time, time.time(), entry.vary,
+                                    entry.tags)
+            await self.store.put(primary, secondary(entry.vary), refreshed,
+                                 self._ttl(refreshed))
+            self._lookups(request.route, "revalidated")
             return self._serve(request, refreshed, 0.0, "fwd=stale; fwd-status=304")
-        if response.status >= 500 and self.stale_if_error and (
-                age - self._lifetime(entry) <= self.stale_if_error):
+        if response.status >= 500 and within_sie and sie and not background:
             await response.aclose()
+            self._lookups(request.route, "stale")
             return self._serve(request, entry, age, "hit; detail=stale-if-error")
-        return await self._maybe_store(request, response, primary, "fwd=stale", request_time,
-                                       lambda: None)
+        self._lookups(request.route, "expired")
+        return await self._maybe_store(request, response, primary, secondary, "fwd=stale",
+                                       request_time, lambda: None)
 
-    def _lifetime(self, entry: Entry) -> float:
-        return entry.lifetime
+    def _refresh_in_background(self, request: ProxyRequest, call_next: Handler, primary: str,
+                               secondary: Callable[[str], str], entry: Entry) -> None:
+        if primary in self._refreshing:
+            return  # one refresh per key in this worker
+        self._refreshing.add(primary)
+        copy = dataclasses.replace(request, headers=request.headers.copy())
+        for name in ("Range", "If-Range", "If-None-Match", "If-Modified-Since"):
+            copy.headers.popall(name, None)
+
+        async def refresh() -> None:
+            token = await self.store.lock(primary, self.lock_timeout)
+            if token is None:
+                return  # another instance refreshes this key
+            try:
+                age = age_from(entry.date, entry.age_value, entry.request_time,
+                               entry.response_time, time.time())
+                response = await self._revalidate(copy, call_next, primary, secondary,
+                                                  entry, age, background=True)
+                body = response.body
+                if not isinstance(body, bytes):
+                    async for _ in body:  # the tee stores it once the body is complete
+                        pass
+            finally:
+                await self.store.unlock(primary, token)
+
+        task = self._spawn(refresh())
+        task.add_done_callback(lambda _: self._refreshing.discard(primary))
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+        return task
+
+    def _background_done(self, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("cache background work failed: %r", task.exception())
+
+    # -- storing -------------------------------------------------------------------------------
 
     def _entry(self, status: int, reason: str, fields: list[tuple[str, str]], body: bytes,
-               request_time: float, response_time: float, vary: str) -> Entry:
+               request_time: float, response_time: float, vary: str,
+               tags: tuple[str, ...] = ()) -> Entry:
         """An entry with what a hit needs already parsed (dates, lifetime, directives)."""
         headers: CIMultiDict[str] = CIMultiDict(fields)
         date, age_value = age_inputs(headers)
         lifetime = freshness_lifetime(headers, heuristic=self.heuristic,
                                       heuristic_cap=self.heuristic_cap,
                                       status=status).lifetime
-        return Entry(status, reason, fields, body, request_time, response_time, vary,
+        return Entry(status, reason, fields, body, request_time, response_time, vary, tags,
                      date=date, age_value=age_value, lifetime=lifetime,
                      directives=parse_cache_control(headers.getall("Cache-Control", [])))
 
+    def _ttl(self, entry: Entry) -> float:
+        """How long an entry is of use: fresh, then stale windows, then (with a
+        validator) a grace period for revalidation."""
+        stale = max(self._stale_window(entry, "stale-while-revalidate",
+                                       self.stale_while_revalidate),
+                    self._stale_window(entry, "stale-if-error", self.stale_if_error))
+        fields = {k.lower() for k, _ in entry.headers}
+        grace = self.validator_grace if fields & {"etag", "last-modified"} else 0.0
+        return max(0.0, entry.lifetime - entry.age_value) + stale + grace
+
+    def _tags(self, headers: CIMultiDict[str]) -> tuple[str, ...]:
+        tags: list[str] = []
+        for name in self.tag_headers:
+            for value in headers.getall(name, []):
+                tags.extend(t for t in value.replace(",", " ").split() if t)
+        return tuple(dict.fromkeys(tags))
+
     async def _maybe_store(self, request: ProxyRequest, response: ProxyResponse, primary: str,
-                           forward: str, request_time: float, done: Callable[[], None]
-                           ) -> ProxyResponse:
+                           secondary: Callable[[str], str], forward: str, request_time: float,
+                           done: Callable[[], None]) -> ProxyResponse:
+        tags = self._tags(response.headers)
+        for name in self.tag_headers:  # purge tags are for this cache, not for clients
+            response.headers.popall(name, None)
         ok, reason = storable(request.method, response.status, request.headers,
                               response.headers, ignore_set_cookie=self.ignore_set_cookie,
                               heuristic=self.heuristic)
@@ -236,29 +475,30 @@ class Cache:
         fields = [(k, v) for k, v in response.headers.items() if k.lower() not in _NOT_STORED]
         response_time = time.time()
         store = self.store
-        key = primary + "\n\n" + (vary_key({"Vary": vary}, request.headers.items())
-                                  if vary else "")
+        variant = secondary(vary)
 
         async def save(data: bytes) -> None:
-            if vary:
-                await store.put_vary(primary, vary)
-            await store.put(key, self._entry(response.status, response.reason, fields, data,
-                                             request_time, response_time, vary))
+            try:
+                entry = self._entry(response.status, response.reason, fields, data,
+                                    request_time, response_time, vary, tags)
+                await store.put(primary, variant, entry, self._ttl(entry))
+            finally:
+                done()
 
         if isinstance(body, bytes):
             await save(body)
-            done()
         else:
             response.body = self._tee(body, save, done)
         return _mark(response, f"{forward}; stored")
 
-    async def _tee(self, body: AsyncIterator[bytes],
-                   save: Callable[[bytes], Any], done: Callable[[], None]
-                   ) -> AsyncIterator[bytes]:
-        """Streams to the client while keeping a copy; stores it once complete (a
-        body that grows past max_object_size is streamed on, unstored)."""
+    async def _tee(self, body: AsyncIterator[bytes], save: Callable[[bytes], Any],
+                   done: Callable[[], None]) -> AsyncIterator[bytes]:
+        """Streams to the client while keeping a copy; once complete, the copy is
+        written in the background (the client's response ends without waiting for the
+        store). A body that grows past max_object_size is streamed on, unstored."""
         kept: list[bytes] | None = []
         size = 0
+        complete = False
         try:
             async for chunk in body:
                 if kept is not None:
@@ -268,13 +508,54 @@ class Cache:
                     else:
                         kept.append(chunk)
                 yield chunk
-            if kept is not None:
-                await save(b"".join(kept))
+            complete = True
         finally:
-            done()
+            if complete and kept is not None:
+                self._spawn(save(b"".join(kept)))
+            else:
+                done()
             close = getattr(body, "aclose", None)
             if close is not None:
                 await close()
+
+
+def _redis_store_type() -> Any:
+    # Imported when a Redis store is configured: memory-only users never load redis-py.
+    from plugins.cache.redis_store import RedisStore
+    return RedisStore
+
+
+def _plain_request(headers: CIMultiDict[str]) -> bool:
+    """No request directive that would forbid a stale answer (no-cache, max-age...)."""
+    if "Cache-Control" not in headers and "Pragma" not in headers:
+        return True
+    cc = parse_cache_control(headers.getall("Cache-Control", []))
+    return not ({"no-cache", "max-age", "min-fresh"} & cc.keys()) and (
+        headers.get("Pragma") != "no-cache" or bool(cc))
+
+
+def _conditional_copy(request: ProxyRequest, stored: CIMultiDict[str]) -> ProxyRequest:
+    """The request to revalidate with: the stored validators instead of the client's
+    (the client's conditionals are answered by us from the refreshed entry)."""
+    headers = request.headers.copy()
+    for header, source in (("If-None-Match", "ETag"), ("If-Modified-Since", "Last-Modified")):
+        headers.popall(header, None)
+        if source in stored:
+            headers[header] = stored[source]
+    headers.popall("Range", None)
+    headers.popall("If-Range", None)
+    return dataclasses.replace(request, headers=headers)
+
+
+def _ranged(headers: CIMultiDict[str], entry: Entry, answer: RangeAnswer) -> ProxyResponse:
+    headers.popall("Content-Length", None)
+    if answer.status == 416:
+        headers.popall("Content-Type", None)
+        headers["Content-Range"] = f"bytes */{len(entry.body)}"
+        return ProxyResponse(416, headers, b"", "Range Not Satisfiable", 0)
+    headers["Content-Range"] = f"bytes {answer.start}-{answer.end}/{len(entry.body)}"
+    part = entry.body[answer.start:answer.end + 1]
+    return ProxyResponse(206, headers, part, "Partial Content", len(part))
 
 
 def _add_status(headers: CIMultiDict[str], value: str) -> None:
@@ -314,3 +595,4 @@ def _not_modified(request_headers: CIMultiDict[str], headers: CIMultiDict[str]) 
         except (TypeError, ValueError):
             return False
     return False
+
