@@ -259,6 +259,8 @@ def build_runtime(config: Config, file: str) -> Runtime:
               for route, cfg in zip(routes.routes, config.routes, strict=True)]
     if "cache" not in built and any("cache" in names for _, names in wanted):
         built["cache"] = build_cache(config, file)
+    elif config.cache:
+        build_cache(config, file)  # unused, but a mistake in it is still reported
     chains = {route.name: tuple(built[p] for p in dict.fromkeys(names))
               for route, names in wanted if names}
     discovery = (ConsulDiscovery(config, upstreams)

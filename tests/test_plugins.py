@@ -122,7 +122,7 @@ async def test_routes_without_plugins_are_untouched(edge: Edge) -> None:
     ('[[plugins]]\nname = "a"\nuse = "tests.example_plugins:Tag"\noptions = { label = 3 }',
      '["a"]', "<test>: plugins[0].options.label: must be a non-empty string"),
     ('[[plugins]]\nname = "a"\nuse = "tests.example_plugins:Deny"', '["b"]',
-     "<test>: routes[0].plugins[0]: plugin 'b' is not defined in [[plugins]] (defined: a)"),
+     "<test>: routes[0].plugins[0]: plugin 'b' is not defined in [[plugins]] (defined: a, cache)"),
 ])
 async def test_plugin_config_errors(plugins: str, route_plugins: str, expected: str) -> None:
     routes = f'{plugins}\n[[routes]]\nupstream = "app"\nplugins = {route_plugins}\n'
