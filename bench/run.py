@@ -149,7 +149,8 @@ def main() -> int:
     ap.add_argument("--observability", action="store_true",
                     help="add bascule-1 with metrics off, and with JSON access logs on")
     ap.add_argument("--cache", action="store_true",
-                    help="add bascule-1 with the memory cache plugin (GETs become hits)")
+                    help="add bascule-1 with the cache (memory and Redis stores: GETs become "
+                         "hits) and nginx with proxy_cache; prints hit/uncached ratios")
     args = ap.parse_args()
     scenarios = {k: v for k, v in SCENARIOS.items() if not args.only or k in args.only}
     for tool in ("wrk", "nginx"):
@@ -205,14 +206,36 @@ backend be
             bench.start(pinned(0, ["haproxy", "-f", str(cfg)]))
             targets["haproxy"] = port
 
+        redis_url = ""
+        if args.cache:
+            port = free_port()
+            cache_dir = work / "nginx-cache"
+            bench.nginx("nginx-cache", f"""
+proxy_cache_path {cache_dir} levels=1:2 keys_zone=bc:10m max_size=256m inactive=10m
+                 use_temp_path=off;
+upstream bec {{ server 127.0.0.1:{backend}; keepalive 64; }}
+server {{ listen 127.0.0.1:{port};
+  location / {{ proxy_pass http://bec; proxy_http_version 1.1;
+    proxy_set_header Connection ""; proxy_cache bc; proxy_cache_lock on; }} }}""", cpu=0)
+            targets["nginx-cache"] = port
+            if shutil.which("redis-server"):
+                redis_port = free_port()
+                bench.start(pinned(1, ["redis-server", "--port", str(redis_port), "--bind",
+                                       "127.0.0.1", "--save", "", "--appendonly", "no"]))
+                wait_port(redis_port)
+                redis_url = f"redis://127.0.0.1:{redis_port}/0"
+
         variants = [("1", "1", 0, "true", "off"), ("auto", '"auto"', None, "true", "off")]
         if args.observability:
             variants += [("1-nometrics", "1", 0, "false", "off"),
                          ("1-accesslog", "1", 0, "true", "/dev/null")]
         if args.cache:
             variants += [("1-cache", "1", 0, "true", "off")]
+            if redis_url:
+                variants += [("1-redis", "1", 0, "true", "off")]
         for label, workers, cpu, metrics, access_log in variants:
-            cache = label.endswith("-cache")
+            cache = label.endswith(("-cache", "-redis"))
+            store = "redis" if label.endswith("-redis") else "memory"
             port, admin = free_port(), free_port()
             conf = work / f"bascule-{label}.toml"
             conf.write_text(f"""
@@ -224,13 +247,15 @@ access_log = "{access_log}"
 [admin]
 listen = "127.0.0.1:{admin}"
 metrics = {metrics}
-{'[[plugins]]' if cache else ''}
-{'name = "cache"' if cache else ''}
-{'use = "cache"' if cache else ''}
-{'options = { max_object_size = "2MiB", memory_max_size = "64MiB" }' if cache else ''}
+[cache]
+store = "{store}"
+max_object_size = "2MiB"
+[redis]
+url = "{redis_url or 'redis://127.0.0.1:6379/0'}"
+timeout = "200ms"
 [[routes]]
 upstream = "be"
-{'plugins = ["cache"]' if cache else ''}
+cache = {'true' if cache else 'false'}
 [upstreams.be]
 backends = ["127.0.0.1:{backend}"]
 """)
@@ -266,6 +291,17 @@ backends = ["127.0.0.1:{backend}"]
             p99 = statistics.median(r[2] for r in runs)
             print(f"| {scenario} | {name} | {rps:.0f} | {p50:.2f} | {p99:.2f} | "
                   f"{rps / nginx_rps:.2f}x |")
+    if args.cache:
+        print("\ncache hits vs the same route uncached (bascule-1), and vs nginx proxy_cache:\n")
+        print("| scenario | target | vs uncached | vs nginx-cache |")
+        print("|---|---|---:|---:|")
+        for scenario, by_target in results.items():
+            base = statistics.median(r[0] for r in by_target.get("bascule-1", [(0, 0, 0)]))
+            ngx = statistics.median(r[0] for r in by_target.get("nginx-cache", [(0, 0, 0)]))
+            for name in ("bascule-1-cache", "bascule-1-redis"):
+                if name in by_target and base and ngx:
+                    rps = statistics.median(r[0] for r in by_target[name])
+                    print(f"| {scenario} | {name} | {rps / base:.2f}x | {rps / ngx:.2f}x |")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0

@@ -37,7 +37,7 @@ from proxy.headers import build_request_head, is_trusted
 from proxy.metrics import Metrics
 from proxy.models import Backend
 from proxy.plugin import Handler, Plugin, ProxyRequest, ProxyResponse
-from proxy.response import ProxiedResponse
+from proxy.response import CompleteResponse, ProxiedResponse
 from proxy.routing import Route, normalise_host, strip_path_prefix
 from proxy.strategy import RequestContext
 from proxy.upstream.connection import ResponseHead, UpstreamConnection
@@ -50,6 +50,8 @@ log = logging.getLogger("bascule.forward")
 
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 _NO_BODY_STATUS: Final = frozenset({204, 304})
+# Quick answers up to this size go out in one transport write (CompleteResponse).
+_COMPLETE_WRITE_MAX: Final = 1024 * 1024
 # RFC 9110 §9.2.2: the methods a retry may repeat after something was sent
 _IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
@@ -160,6 +162,26 @@ class Forwarder:
         finally:
             await response.aclose()
 
+    async def _write_quick(self, request: web.BaseRequest,
+                           answer: tuple[int, bytes, bytes, bytes, bool],
+                           outcome: Outcome) -> web.StreamResponse:
+        status, reason, block, body, has_date = answer
+        outcome.bytes_out = len(body) if request.method != "HEAD" else 0
+        if len(body) <= _COMPLETE_WRITE_MAX:
+            # aiohttp's prepare() call writes it, after this handler returns
+            return CompleteResponse(status, reason, block, body, has_date)
+        resp = ProxiedResponse(status, reason, block, len(body), has_date)
+        resp._send_headers_immediately = False
+        try:
+            await resp.prepare(request)
+            if request.method == "HEAD" or status in _NO_BODY_STATUS:
+                await resp.write_eof()
+            else:
+                await resp.write_eof(body)
+        except ConnectionError:
+            pass
+        return resp
+
     def next_request_id(self) -> bytes:
         # Unique across workers and instances (random 64-bit prefix per worker)
         # without a getrandom() syscall per request.
@@ -226,6 +248,12 @@ class Forwarder:
         upstream = runtime.upstreams[route.upstream]
         outcome.route = route
         outcome.upstream = upstream.name
+
+        quick = runtime.quick.get(route.name) if runtime.quick else None
+        if quick is not None and not message.chunked and "Content-Length" not in headers:
+            answer = quick(message.method, headers.get("Host", ""), target, headers, route.name)
+            if answer is not None:
+                return await self._write_quick(request, answer, outcome)
 
         if (message.upgrade and route.websocket
                 and headers.get("Upgrade", "").lower() == "websocket"):

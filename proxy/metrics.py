@@ -17,6 +17,7 @@ backends that left discovery are dropped from the exposition.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import os
 import platform
 import time
@@ -118,6 +119,7 @@ class Metrics:
         self._budget_exhausted: dict[str, int] = {}
         self._cache_lookups: dict[tuple[str, str], int] = {}
         self._cache_store_errors: dict[str, int] = {}
+        self._flush_hooks: list[Callable[[], None]] = []
         # (upstream, source) -> [updates, errors, last success time, stale]
         self._discovery: dict[tuple[str, str], list[float]] = {}
         self._gauges_from: Callable[[], Iterable[tuple[str, str, int, bool]]] = lambda: ()
@@ -258,9 +260,18 @@ class Metrics:
     def record_budget_exhausted(self, upstream: str) -> None:
         self._budget_exhausted[upstream] = self._budget_exhausted.get(upstream, 0) + 1
 
-    def record_cache_lookup(self, route: str, result: str) -> None:
+    def record_cache_lookup(self, route: str, result: str, count: int = 1) -> None:
         key = (route, result)
-        self._cache_lookups[key] = self._cache_lookups.get(key, 0) + 1
+        self._cache_lookups[key] = self._cache_lookups.get(key, 0) + count
+
+    def on_flush(self, hook: Callable[[], None]) -> None:
+        """`hook` runs at each flush, before the accumulators are read: for counts a
+        plugin keeps itself on its hot path."""
+        self._flush_hooks.append(hook)
+
+    def off_flush(self, hook: Callable[[], None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._flush_hooks.remove(hook)
 
     def record_cache_store_error(self, store: str) -> None:
         self._cache_store_errors[store] = self._cache_store_errors.get(store, 0) + 1
@@ -286,6 +297,8 @@ class Metrics:
     def flush(self) -> None:
         if not self.enabled:
             return
+        for hook in self._flush_hooks:
+            hook()
         routes, self._routes = self._routes, {}
         for (route, upstream), stats in routes.items():
             for (method, code), count in stats.requests.items():

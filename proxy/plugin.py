@@ -8,6 +8,11 @@ and every plugin is testable without sockets.
 
 Routes without plugins never build these objects: they keep the direct path.
 
+Quick answers: the outermost plugin of a route may define a synchronous
+`quick_answer(method, host, target, headers, route)` returning (status, reason bytes,
+header block bytes, body, has Date) or None. It runs before any of the chain's objects
+exist, for requests without a body; a cache answers fresh hits from memory this way.
+
 Lifecycle: a plugin may define `async start(context)` (called in the worker once its
 event loop runs, before the plugin serves a request: open connections there) and
 `async aclose()` (called when its runtime retires after a reload, or at shutdown).

@@ -14,8 +14,9 @@ from __future__ import annotations
 from aiohttp import web
 from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import HttpVersion10, HttpVersion11
+from aiohttp.web_request import BaseRequest
 
-__all__ = ["ProxiedResponse"]
+__all__ = ["CompleteResponse", "ProxiedResponse"]
 
 _NO_BODY_STATUS = frozenset({204, 304})
 
@@ -80,3 +81,47 @@ class ProxiedResponse(web.StreamResponse):
         writer._headers_written = False  # type: ignore[attr-defined]
         if self._send_headers_immediately:
             writer.send_headers()
+
+
+class CompleteResponse(web.StreamResponse):
+    """A response whose head and body are in hand (a cache hit): one transport write,
+    without StreamResponse's preparation or the payload writer's buffering. Framing
+    and Connection are decided as in ProxiedResponse. Meant for small bodies: the
+    bytes go to the transport at once, without waiting for the client to drain."""
+
+    def __init__(self, status: int, reason: bytes, head_block: bytes, body: bytes,
+                 has_date: bool) -> None:
+        super().__init__(status=status)
+        self._reason_bytes = reason
+        self._head_block = head_block
+        self._complete_body = body
+        self._has_date = has_date
+
+    async def prepare(self, request: BaseRequest) -> None:
+        if self._eof_sent:
+            return None
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("client connection closed")
+        version = request.version
+        keep_alive = request.keep_alive
+        framing = b"Content-Length: %d\r\n" % len(self._complete_body)
+        if not keep_alive:
+            if version == HttpVersion11:
+                framing += b"Connection: close\r\n"
+        elif version == HttpVersion10:
+            framing += b"Connection: keep-alive\r\n"
+        if not self._has_date:
+            framing += b"Date: " + rfc822_formatted_time().encode("ascii") + b"\r\n"
+        status = self.status
+        with_body = request.method != "HEAD" and status not in _NO_BODY_STATUS
+        transport.write(b"".join((
+            b"HTTP/%d.%d %d " % (version[0], version[1], status), self._reason_bytes,
+            b"\r\n", self._head_block, framing, b"\r\n",
+            self._complete_body if with_body else b"")))
+        self._keep_alive = keep_alive
+        self._eof_sent = True
+        return None
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        return None

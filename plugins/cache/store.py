@@ -36,11 +36,15 @@ class Entry:
     # The header block as it goes to a client (without Age and Cache-Status), encoded
     # once so a hit does not re-serialise the fields.
     head: bytes = b""
+    reason_bytes: bytes = b""
+    has_date: bool = False
 
     def __post_init__(self) -> None:
         if not self.head:
             self.head = b"".join(f"{k}: {v}\r\n".encode("latin-1", "replace")
                                  for k, v in self.headers)
+        self.reason_bytes = self.reason.encode("latin-1", "replace")
+        self.has_date = any(k.lower() == "date" for k, _ in self.headers)
 
     @property
     def size(self) -> int:
@@ -96,6 +100,16 @@ class MemoryStore:
         self._vary: dict[str, str] = {}
         self._variants: dict[str, int] = {}  # primary -> entries stored under it
         self._tags: dict[str, set[str]] = {}
+
+    def vary_of(self, primary: str) -> str | None:
+        return self._vary.get(primary)
+
+    def entry_at(self, primary: str, secondary: str) -> Entry | None:
+        key = (primary, secondary)
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+        return entry
 
     def get_now(self, primary: str, secondary: SecondaryKey) -> Entry | None:
         """get() without a coroutine: the hit path calls it directly."""
