@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 
 from multidict import CIMultiDict, istr
 
+from plugins.cache.near import NearCache
 from plugins.cache.policy import (
     accepts,
     age_from,
@@ -37,6 +38,7 @@ from plugins.cache.policy import (
     vary_key,
 )
 from plugins.cache.ranges import RangeAnswer, answer_range
+from plugins.cache.redis_store import RedisStore
 from plugins.cache.store import CacheStore, Entry, MemoryStore
 from proxy.plugin import Handler, PluginContext, ProxyRequest, ProxyResponse
 from proxy.units import parse_duration, parse_size
@@ -48,7 +50,7 @@ log = logging.getLogger("bascule.cache")
 _OPTIONS = {"store", "memory_max_size", "max_object_size", "heuristic_freshness",
             "heuristic_cap", "ignore_set_cookie", "key_headers", "drop_query",
             "lock_timeout", "stale_while_revalidate", "stale_if_error", "tag_headers",
-            "validator_grace"}
+            "validator_grace", "near_cache_size", "near_cache_ttl"}
 _NOT_STORED = frozenset({"cache-status", "age"})
 _NO_STALE = ("no-cache", "must-revalidate", "proxy-revalidate")
 # Request fields that need the full chain (RFC 9111 request directives, RFC 9110
@@ -113,6 +115,8 @@ class Cache:
         # Entries with a validator are kept this long past their stale windows, so a
         # revalidation can still turn them into 304s (like nginx's `inactive`).
         self.validator_grace = _option(options, "validator_grace", "10m", parse_duration)
+        self.near_cache_size = _option(options, "near_cache_size", "16MiB", parse_size)
+        self.near_cache_ttl = _option(options, "near_cache_ttl", "1s", parse_duration)
         self._fills: dict[str, asyncio.Future[None]] = {}
         self._refreshing: set[str] = set()
         self._background: set[asyncio.Task[Any]] = set()
@@ -128,16 +132,20 @@ class Cache:
             self._lookups = metrics.record_cache_lookup
             metrics.on_flush(self._flush_quick_hits)
             self._metrics = metrics
-        if self.store_kind == "redis" and not isinstance(self.store, _redis_store_type()):
+        if self.store_kind == "redis" and isinstance(self.store, MemoryStore):
             redis = context.redis
-            store_type = _redis_store_type()
-            self.store = store_type(
+            shared = RedisStore(
                 redis.url, cluster=redis.cluster, prefix=redis.key_prefix + "cache:",
                 pool_size=redis.pool_size, timeout=redis.timeout,
                 breaker_failures=redis.breaker_failures,
                 breaker_cooldown=redis.breaker_cooldown,
                 on_error=metrics.record_cache_store_error if metrics is not None
                 and metrics.enabled else None)
+            if self.near_cache_size and self.near_cache_ttl:
+                self.store = NearCache(shared, self.near_cache_size, self.near_cache_ttl)
+                shared.ensure_listener()  # purge notices reach the near cache
+            else:
+                self.store = shared
 
     def _flush_quick_hits(self) -> None:
         hits, self.quick_hits = self.quick_hits, {}
@@ -209,20 +217,28 @@ class Cache:
         awaits, no header copies: the stored block is sent with Age and Cache-Status
         appended. Requests with directives, conditionals or ranges take the chain."""
         store = self.store
-        if not isinstance(store, MemoryStore) or _QUICK_SKIP & headers.keys():
+        if _QUICK_SKIP & headers.keys() or not isinstance(store, MemoryStore | NearCache):
             return None
         primary = self.primary_key(host, target)
         vary = store.vary_of(primary)
         if vary is None:
             return None
-        entry = store.entry_at(primary, self._secondary(headers)(vary)
-                               if vary or self.key_headers else "")
-        if entry is None or "no-cache" in entry.directives:
-            return None
-        age = age_from(entry.date, entry.age_value, entry.request_time,
-                       entry.response_time, time.time())
-        if age >= entry.lifetime:
-            return None
+        secondary = self._secondary(headers)(vary) if vary or self.key_headers else ""
+        now = time.time()
+        if isinstance(store, MemoryStore):
+            entry = store.entry_at(primary, secondary)
+            if entry is None or "no-cache" in entry.directives:
+                return None
+            age = age_from(entry.date, entry.age_value, entry.request_time,
+                           entry.response_time, now)
+            if age >= entry.lifetime:
+                return None
+        else:
+            entry = store.fresh_now(primary, secondary, now)
+            if entry is None or "no-cache" in entry.directives:
+                return None
+            age = age_from(entry.date, entry.age_value, entry.request_time,
+                           entry.response_time, now)
         hits = self.quick_hits
         hits[route] = hits.get(route, 0) + 1
         block = entry.head + b"Age: %d\r\nCache-Status: bascule; hit\r\n" % age
@@ -563,12 +579,6 @@ class Cache:
             close = getattr(body, "aclose", None)
             if close is not None:
                 await close()
-
-
-def _redis_store_type() -> Any:
-    # Imported when a Redis store is configured: memory-only users never load redis-py.
-    from plugins.cache.redis_store import RedisStore
-    return RedisStore
 
 
 def _plain_request(headers: CIMultiDict[str]) -> bool:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -88,16 +89,24 @@ class RedisStore:
         connect_timeout = max(timeout, 0.5)
         self.client: Any
         if cluster:
-            self.client = RedisCluster.from_url(url, max_connections=pool_size,
-                                                socket_connect_timeout=connect_timeout)
+            # The cluster client keeps a pool per node and raises when one is full,
+            # so its pools are left unbounded (connections grow with concurrency).
+            self.client = RedisCluster.from_url(url, socket_connect_timeout=connect_timeout)
         else:
-            self.client = aioredis.Redis.from_url(url, max_connections=pool_size,
-                                                  socket_connect_timeout=connect_timeout)
+            # A full pool makes a call wait for a connection (within the call's
+            # deadline) instead of failing and tripping the breaker.
+            pool = aioredis.BlockingConnectionPool.from_url(
+                url, max_connections=pool_size, timeout=None,
+                socket_connect_timeout=connect_timeout)
+            self.client = aioredis.Redis(connection_pool=pool)
         self._put = self.client.register_script(_PUT)
         self._unlock = self.client.register_script(_UNLOCK)
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._listener: asyncio.Task[None] | None = None
         self._notified = False  # pub/sub is up: polls can be rarer
+        # Called with ("url" | "prefix" | "tag", value) for every purge notice
+        self.on_invalidate: Callable[[str, str], Awaitable[None]] | None = None
+        self._purge_channel = f"{prefix}purge"
 
     # -- keys ------------------------------------------------------------------------
 
@@ -168,8 +177,17 @@ class RedisStore:
 
     # -- purge (admin: slower deadlines, errors reported, not swallowed) ------------------
 
+    async def _announce(self, kind: str, value: str) -> None:
+        """Tell every instance's near cache (near.py) to drop what was purged."""
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            async with asyncio.timeout(max(self.timeout, 1.0)):
+                await self.client.publish(self._purge_channel,
+                                          json.dumps({"k": kind, "v": value}))
+
     async def purge(self, primary: str) -> int:
-        return int(await self.client.delete(self._key(primary)))
+        removed = int(await self.client.delete(self._key(primary)))
+        await self._announce("url", primary)
+        return removed
 
     async def purge_prefix(self, prefix: str) -> int:
         # SCAN walks the keyspace (on every primary in a cluster): an admin operation,
@@ -178,6 +196,7 @@ class RedisStore:
         purged = 0
         async for key in self.client.scan_iter(match=pattern, count=1000, _type="hash"):
             purged += int(await self.client.delete(key))
+        await self._announce("prefix", prefix)
         return purged
 
     async def purge_tag(self, tag: str) -> int:
@@ -187,6 +206,7 @@ class RedisStore:
         for key in members:
             purged += int(await self.client.delete(key))
         await self.client.delete(tag_key)
+        await self._announce("tag", tag)
         return purged
 
     # -- the fleet-wide fill lock ---------------------------------------------------------
@@ -235,6 +255,9 @@ class RedisStore:
                 if not waiters:
                     del self._waiters[channel]
 
+    def ensure_listener(self) -> None:
+        self._ensure_listener()
+
     def _ensure_listener(self) -> None:
         if self.cluster or self._listener is not None:
             return  # Cluster: polling only (pub/sub there is per node)
@@ -248,6 +271,7 @@ class RedisStore:
             pubsub = self.client.pubsub()
             try:
                 await pubsub.psubscribe(pattern)
+                await pubsub.subscribe(self._purge_channel)
                 self._notified = True
                 while True:
                     message = await pubsub.get_message(ignore_subscribe_messages=True,
@@ -257,6 +281,9 @@ class RedisStore:
                     channel = message["channel"]
                     if isinstance(channel, bytes):
                         channel = channel.decode("utf-8", "surrogateescape")
+                    if channel == self._purge_channel:
+                        await self._invalidate(message["data"])
+                        continue
                     for waiter in self._waiters.pop(channel, ()):
                         if not waiter.done():
                             waiter.set_result(None)
@@ -269,6 +296,15 @@ class RedisStore:
             finally:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
+
+    async def _invalidate(self, data: Any) -> None:
+        if self.on_invalidate is None:
+            return
+        try:
+            notice = json.loads(data)
+            await self.on_invalidate(str(notice["k"]), str(notice["v"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring a malformed purge notice: %r", exc)
 
     async def aclose(self) -> None:
         if self._listener is not None:

@@ -126,6 +126,12 @@ class MemoryStore:
         return self.get_now(primary, secondary)
 
     async def put(self, primary: str, secondary: str, entry: Entry, ttl: float) -> None:
+        self.put_now(primary, secondary, entry)
+
+    def has(self, key: tuple[str, str]) -> bool:
+        return key in self._entries
+
+    def put_now(self, primary: str, secondary: str, entry: Entry) -> None:
         if entry.size > self.max_bytes:
             return
         key = (primary, secondary)

@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from plugins.cache.near import NearCache
 from plugins.cache.plugin import Cache
 from plugins.cache.redis_store import RedisStore
 from proxy.server import Edge
@@ -61,12 +62,17 @@ class Fleet:
 
     def store(self, edge: Edge) -> RedisStore:
         store = self.cache(edge).store
+        if isinstance(store, NearCache):
+            return store.remote
         assert isinstance(store, RedisStore)
         return store
 
 
-async def start_fleet(redis_url: str, backend_port: int, *, cache: str = "",
-                      redis: str = "", timeout: str = "1s") -> Fleet:
+async def start_fleet(redis_url: str, backend_port: int, *,
+                      cache: str = 'near_cache_size = "0"', redis: str = "",
+                      timeout: str = "1s") -> Fleet:
+    """Two edges sharing one Redis; the near cache is off unless `cache` turns it on,
+    so that every lookup below reads Redis."""
     prefix = f"t{os.urandom(4).hex()}:"
     body = f"""
 [cache]
@@ -321,3 +327,25 @@ async def test_waiters_are_woken_by_the_fill_notice(redis_server: RedisServer) -
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_near_cache_serves_hot_keys_and_drops_purged_ones(
+        redis_server: RedisServer, backend: int) -> None:
+    fleet = await start_fleet(redis_server.url, backend,
+                              cache='near_cache_ttl = "1h"')  # only a notice can drop it
+    try:
+        await get(fleet.a, "/page", Host="n.example")
+        await eventually(lambda: _hit(fleet.b, "/page", "n.example"))
+        redis_server.cli("flushall")  # Redis forgets; b's near copy still answers
+        assert await _hit(fleet.b, "/page", "n.example")
+        status, result = await admin_post(fleet.a, "url=n.example/page")
+        assert status == 200 and result["purged"] == {"cache": 0}  # Redis had nothing
+
+        async def dropped_on_b() -> bool:  # the purge notice reached b's near cache
+            _, _, h = await get(fleet.b, "/page", Host="n.example")
+            return h["Cache-Status"].startswith("bascule; fwd=miss")
+
+        await eventually(dropped_on_b)
+    finally:
+        await fleet.a.drain(1.0)
+        await fleet.b.drain(1.0)
