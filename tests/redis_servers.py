@@ -4,11 +4,14 @@ with `redis-cli --cluster create`."""
 
 from __future__ import annotations
 
+import os
+import random
 import shutil
 import socket
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tests.helpers import free_port, poll
 
@@ -44,13 +47,16 @@ class RedisServer:
 
     def start(self) -> RedisServer:
         require_redis()
+        log = os.path.join(self.directory, "redis.log")
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "no", "--dir", self.directory, *self.extra],
+             "--save", "", "--appendonly", "no", "--dir", self.directory,
+             "--logfile", log, *self.extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if not poll(lambda: _ping(self.port), 10):
+            output = Path(log).read_text()[-2000:] if os.path.exists(log) else "(no log)"
             self.stop()
-            raise RuntimeError(f"redis-server did not answer on port {self.port}")
+            raise RuntimeError(f"redis-server did not answer on port {self.port}:\n{output}")
         return self
 
     def kill(self) -> None:
@@ -68,6 +74,25 @@ class RedisServer:
                               capture_output=True, text=True, timeout=10).stdout
 
 
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free too: Redis Cluster
+    needs both, so the port must be at most 55535."""
+    for _ in range(1000):
+        port = random.randint(20000, 55535)
+        if _bindable(port) and _bindable(port + 10000):
+            return port
+    raise RuntimeError("no free port pair for a Redis Cluster node")
+
+
 @dataclass
 class RedisCluster:
     nodes: list[RedisServer] = field(default_factory=list)
@@ -79,7 +104,8 @@ class RedisCluster:
     def start(self, size: int = 3) -> RedisCluster:
         require_redis()
         for _ in range(size):
-            node = RedisServer(extra=("--cluster-enabled", "yes",
+            node = RedisServer(port=free_cluster_port(),
+                               extra=("--cluster-enabled", "yes",
                                       "--cluster-node-timeout", "2000"))
             node.extra += ("--cluster-config-file", f"{node.directory}/nodes.conf")
             self.nodes.append(node.start())
