@@ -231,11 +231,13 @@ server {{ listen 127.0.0.1:{port};
                          ("1-accesslog", "1", 0, "true", "/dev/null")]
         if args.cache:
             variants += [("1-cache", "1", 0, "true", "off")]
-            if redis_url:
-                variants += [("1-redis", "1", 0, "true", "off")]
+            if redis_url:  # with the near cache (default), and every hit read from Redis
+                variants += [("1-redis", "1", 0, "true", "off"),
+                             ("1-redis-nonear", "1", 0, "true", "off")]
         for label, workers, cpu, metrics, access_log in variants:
-            cache = label.endswith(("-cache", "-redis"))
-            store = "redis" if label.endswith("-redis") else "memory"
+            cache = label.endswith(("-cache", "-redis", "-nonear"))
+            store = "redis" if "-redis" in label else "memory"
+            near = 'near_cache_size = "0"' if label.endswith("-nonear") else ""
             port, admin = free_port(), free_port()
             conf = work / f"bascule-{label}.toml"
             conf.write_text(f"""
@@ -250,6 +252,7 @@ metrics = {metrics}
 [cache]
 store = "{store}"
 max_object_size = "2MiB"
+{near}
 [redis]
 url = "{redis_url or 'redis://127.0.0.1:6379/0'}"
 timeout = "200ms"
@@ -298,7 +301,7 @@ backends = ["127.0.0.1:{backend}"]
         for scenario, by_target in results.items():
             base = statistics.median(r[0] for r in by_target.get("bascule-1", [(0, 0, 0)]))
             ngx = statistics.median(r[0] for r in by_target.get("nginx-cache", [(0, 0, 0)]))
-            for name in ("bascule-1-cache", "bascule-1-redis"):
+            for name in ("bascule-1-cache", "bascule-1-redis", "bascule-1-redis-nonear"):
                 if name in by_target and base and ngx:
                     rps = statistics.median(r[0] for r in by_target[name])
                     print(f"| {scenario} | {name} | {rps / base:.2f}x | {rps / ngx:.2f}x |")

@@ -37,6 +37,7 @@ from redis.exceptions import RedisError
 
 from plugins.cache.breaker import Breaker
 from plugins.cache.codec import CorruptEntry, decode, encode
+from plugins.cache.resp import RespClient
 from plugins.cache.store import Entry, SecondaryKey
 
 __all__ = ["RedisStore"]
@@ -99,6 +100,9 @@ class RedisStore:
                 url, max_connections=pool_size, timeout=None,
                 socket_connect_timeout=connect_timeout)
             self.client = aioredis.Redis(connection_pool=pool)
+        # The hit path's reads go through a lean pipelined client (resp.py).
+        self.reads = None if cluster else RespClient(
+            url, connections=min(4, pool_size), connect_timeout=connect_timeout)
         self._put = self.client.register_script(_PUT)
         self._unlock = self.client.register_script(_UNLOCK)
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
@@ -127,6 +131,11 @@ class RedisStore:
             self.on_error(self.name)
             log.debug("redis cache call failed: %r", exc)
             return default
+        except Exception as exc:  # a bug here must still not turn a request into a 500
+            self.breaker.failure(exc)
+            self.on_error(self.name)
+            log.warning("redis cache call failed unexpectedly", exc_info=True)
+            return default
         self.breaker.success()
         return result
 
@@ -137,14 +146,25 @@ class RedisStore:
 
         plain_field = "e:" + secondary("")
 
-        async def fetch() -> bytes | None:
-            vary, plain = await self.client.hmget(key, ["vary", plain_field])
-            if vary is None:
-                return None
-            if not vary:
-                return plain  # type: ignore[no-any-return]
-            return await self.client.hget(key,  # type: ignore[no-any-return]
-                                          "e:" + secondary(vary.decode("latin-1")))
+        reads = self.reads
+        if reads is not None:
+            async def fetch() -> bytes | None:
+                vary, plain = await reads.execute("HMGET", key, "vary", plain_field)
+                if vary is None:
+                    return None
+                if not vary:
+                    return plain  # type: ignore[no-any-return]
+                return await reads.execute(  # type: ignore[no-any-return]
+                    "HGET", key, "e:" + secondary(vary.decode("latin-1")))
+        else:
+            async def fetch() -> bytes | None:
+                vary, plain = await self.client.hmget(key, ["vary", plain_field])
+                if vary is None:
+                    return None
+                if not vary:
+                    return plain  # type: ignore[no-any-return]
+                return await self.client.hget(key,  # type: ignore[no-any-return]
+                                              "e:" + secondary(vary.decode("latin-1")))
 
         data = await self._call(fetch, None)
         if data is None:
@@ -311,5 +331,7 @@ class RedisStore:
             self._listener.cancel()
             with contextlib.suppress(BaseException):
                 await self._listener
+        if self.reads is not None:
+            self.reads.close()
         with contextlib.suppress(Exception):
             await self.client.aclose()
