@@ -130,3 +130,17 @@ def test_vary_key_normalises_and_orders() -> None:
 def test_invalidated_uris(method: str, status: int, resp: dict[str, str],
                           expected: list[str]) -> None:
     assert invalidated_uris(method, status, "https://a.test/items", resp) == expected
+
+
+async def test_memory_store_never_exceeds_its_budget() -> None:
+    from plugins.cache.store import Entry, MemoryStore
+
+    store = MemoryStore(50_000)
+    for i in range(100):
+        entry = Entry(200, "OK", [("Content-Type", "text/plain")], b"x" * (i * 97 % 9000),
+                      0.0, 0.0)
+        await store.put(f"h/{i}", "", entry, 60)
+        assert store.used <= store.max_bytes
+    assert await store.get("h/99", lambda vary: "") is not None  # recent ones stay
+    assert await store.get("h/1", lambda vary: "") is None  # old ones went first
+    assert store.used == sum(e.size for e in store._entries.values())

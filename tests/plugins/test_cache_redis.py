@@ -349,3 +349,24 @@ async def test_near_cache_serves_hot_keys_and_drops_purged_ones(
     finally:
         await fleet.a.drain(1.0)
         await fleet.b.drain(1.0)
+
+
+async def test_unsafe_method_on_one_instance_invalidates_for_all(fleet: Fleet) -> None:
+    await get(fleet.a, "/page", Host="u.example")
+    await eventually(lambda: _hit(fleet.b, "/page", "u.example"))
+    async with aiohttp.ClientSession() as session, session.post(
+            edge_url(fleet.a) + "/page", headers={"Host": "u.example"}) as resp:
+        assert resp.status == 200
+    assert not await _hit(fleet.b, "/page", "u.example")
+
+
+async def test_a_server_that_is_not_redis_fails_open(backend: int) -> None:
+    # The "Redis" is an HTTP server: every reply is garbage to a Redis client.
+    fleet = await start_fleet(f"redis://127.0.0.1:{backend}/0", backend, timeout="200ms")
+    try:
+        answers = [await get(fleet.a, "/page", Host="g.example") for _ in range(5)]
+        assert [a[0] for a in answers] == [200] * 5
+        assert all(a[2]["Cache-Status"].startswith("bascule; fwd=miss") for a in answers)
+    finally:
+        await fleet.a.drain(1.0)
+        await fleet.b.drain(1.0)
