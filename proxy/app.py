@@ -79,7 +79,7 @@ class Runtime:
     discovery: ConsulDiscovery | None = None
     chains: dict[str, tuple[Plugin, ...]] = field(default_factory=dict)  # route -> plugins
     plugins: dict[str, Plugin] = field(default_factory=dict)  # every built plugin, by name
-    # route -> the outermost plugin's quick_answer (plugin.py), when it has one
+    # route -> the outermost plugin's (quick_answer, quick_fetch or None), plugin.py
     quick: dict[str, Any] = field(default_factory=dict)
     file: str = ""
     config_hash: str = ""
@@ -271,7 +271,7 @@ def build_runtime(config: Config, file: str) -> Runtime:
     return Runtime(
         config=config, server=config.server, routes=routes, upstreams=upstreams,
         discovery=discovery, chains=chains, plugins=built,
-        quick={name: chain[0].quick_answer
+        quick={name: (chain[0].quick_answer, getattr(chain[0], "quick_fetch", None))
                for name, chain in chains.items() if hasattr(chain[0], "quick_answer")},
         trusted=config.server.trusted_networks(), file=file,
         config_hash=hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:16],

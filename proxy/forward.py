@@ -12,7 +12,7 @@ import logging
 import os
 import random
 import time
-from typing import Final
+from typing import Any, Final
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -250,8 +250,18 @@ class Forwarder:
         outcome.upstream = upstream.name
 
         quick = runtime.quick.get(route.name) if runtime.quick else None
+        memo: dict[str, Any] | None = None
         if quick is not None and not message.chunked and "Content-Length" not in headers:
-            answer = quick(message.method, headers.get("Host", ""), target, headers, route.name)
+            # The key the chain would see: the target after strip_prefix.
+            quick_target = (strip_path_prefix(target, route.path_prefix)
+                            if route.strip_prefix and route.path_prefix != "/" else target)
+            answer_now, fetch = quick
+            host = headers.get("Host", "")
+            answer = answer_now(message.method, host, quick_target, headers, route.name)
+            if answer is None and fetch is not None:
+                memo = {}
+                answer = await fetch(message.method, host, quick_target, headers, route.name,
+                                     memo)
             if answer is not None:
                 return await self._write_quick(request, answer, outcome)
 
@@ -328,7 +338,7 @@ class Forwarder:
                 for plugin in reversed(chain):
                     handler = functools.partial(_call_plugin, plugin, handler)
                 proxy_request = ProxyRequest(message.method, target, CIMultiDict(headers), peer,
-                                             route.name, upstream.name)
+                                             route.name, upstream.name, memo or {})
                 return await self._write_proxy_response(request, await handler(proxy_request),
                                                         outcome)
             exchange = _Exchange(request, route, upstream, runtime, request_line, head_rest,

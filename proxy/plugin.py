@@ -12,6 +12,10 @@ Quick answers: the outermost plugin of a route may define a synchronous
 `quick_answer(method, host, target, headers, route)` returning (status, reason bytes,
 header block bytes, body, has Date) or None. It runs before any of the chain's objects
 exist, for requests without a body; a cache answers fresh hits from memory this way.
+It may also define `async quick_fetch(method, host, target, headers, route, memo)`,
+awaited when quick_answer had none, with the same result; what it puts in `memo`
+reaches the chain as `ProxyRequest.extra` (a cache passes on what it read from Redis,
+so a miss costs one read, not two).
 
 Lifecycle: a plugin may define `async start(context)` (called in the worker once its
 event loop runs, before the plugin serves a request: open connections there) and
@@ -38,6 +42,7 @@ class ProxyRequest:
     client: str  # the client's address
     route: str  # the route's name
     upstream: str  # the upstream's name
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. what quick_fetch looked up
 
 
 @dataclass

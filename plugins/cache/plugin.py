@@ -244,6 +244,27 @@ class Cache:
         block = entry.head + b"Age: %d\r\nCache-Status: bascule; hit\r\n" % age
         return entry.status, entry.reason_bytes, block, entry.body, entry.has_date
 
+    async def quick_fetch(self, method: str, host: str, target: str, headers: Any, route: str,
+                          memo: dict[str, Any]) -> tuple[int, bytes, bytes, bytes, bool] | None:
+        """quick_answer for a shared store: one read, answered here when fresh; what was
+        read goes to the chain in `memo`, so a stale entry or a miss is not read twice."""
+        store = self.store
+        if not store.shared or _QUICK_SKIP & headers.keys() or method not in ("GET", "HEAD"):
+            return None
+        primary = self.primary_key(host, target)
+        entry = await store.get(primary, self._secondary(headers))
+        memo["cache.lookup"] = (primary, entry)
+        if entry is None or "no-cache" in entry.directives:
+            return None
+        age = age_from(entry.date, entry.age_value, entry.request_time,
+                       entry.response_time, time.time())
+        if age >= entry.lifetime:
+            return None
+        hits = self.quick_hits
+        hits[route] = hits.get(route, 0) + 1
+        block = entry.head + b"Age: %d\r\nCache-Status: bascule; hit\r\n" % age
+        return entry.status, entry.reason_bytes, block, entry.body, entry.has_date
+
     # -- the chain step --------------------------------------------------------------------
 
     async def __call__(self, request: ProxyRequest, call_next: Handler) -> ProxyResponse:
@@ -252,7 +273,11 @@ class Cache:
             return await self._unsafe(request, call_next, host)
         primary = self.primary_key(host, request.target)
         secondary = self._secondary(request.headers)
-        entry = await self.store.get(primary, secondary)
+        looked_up = request.extra.pop("cache.lookup", None)
+        if looked_up is not None and looked_up[0] == primary:
+            entry = looked_up[1]  # quick_fetch read it already
+        else:
+            entry = await self.store.get(primary, secondary)
         token: str | None = None
         if entry is None and request.method == "GET" and "Range" not in request.headers:
             entry, token = await self._claim_fill(primary, secondary)
