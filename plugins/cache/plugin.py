@@ -385,7 +385,7 @@ class Cache:
             called = True
             if fill is not None:
                 self._release_local(primary, fill)
-            if token is not None:
+            if token is not None and self.store.shared:
                 self._spawn(self.store.unlock(primary, token))
 
         return done
