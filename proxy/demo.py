@@ -4,6 +4,7 @@ Traefik's whoami) and Bascule balancing across them, in one command."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -68,5 +69,8 @@ def run_demo() -> int:
     try:
         return run_supervisor(config, "<demo>")
     finally:
-        os.kill(pid, signal.SIGTERM)
-        os.waitpid(pid, 0)
+        # Ctrl-C reaches the whole process group: the backends may be gone already.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
