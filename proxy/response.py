@@ -13,12 +13,26 @@ from __future__ import annotations
 
 from aiohttp import web
 from aiohttp.helpers import rfc822_formatted_time
-from aiohttp.http import HttpVersion10, HttpVersion11
+from aiohttp.http import HttpVersion, HttpVersion10, HttpVersion11
 from aiohttp.web_request import BaseRequest
 
 __all__ = ["CompleteResponse", "ProxiedResponse"]
 
 _NO_BODY_STATUS = frozenset({204, 304})
+
+
+def _connection_and_date(version: HttpVersion, keep_alive: bool, has_date: bool) -> bytes:
+    """Connection as the client's HTTP version needs it, and Date when the stored or
+    upstream fields have none (RFC 9110 §6.6.1)."""
+    fields = b""
+    if not keep_alive:
+        if version == HttpVersion11:
+            fields = b"Connection: close\r\n"
+    elif version == HttpVersion10:
+        fields = b"Connection: keep-alive\r\n"
+    if not has_date:
+        fields += b"Date: " + rfc822_formatted_time().encode("ascii") + b"\r\n"
+    return fields
 
 
 class ProxiedResponse(web.StreamResponse):
@@ -55,15 +69,8 @@ class ProxiedResponse(web.StreamResponse):
         else:
             framing = b""
             keep_alive = False  # HTTP/1.0 without a length: the body ends at close
-        if not keep_alive:
-            if version == HttpVersion11:
-                framing += b"Connection: close\r\n"
-        elif version == HttpVersion10:
-            framing += b"Connection: keep-alive\r\n"
-        if not self._has_date:
-            framing += b"Date: " + rfc822_formatted_time().encode("ascii") + b"\r\n"
         self._keep_alive = keep_alive
-        self._framing = framing
+        self._framing = framing + _connection_and_date(version, keep_alive, self._has_date)
 
     async def _write_headers(self) -> None:
         request = self._req
@@ -105,14 +112,8 @@ class CompleteResponse(web.StreamResponse):
             raise ConnectionResetError("client connection closed")
         version = request.version
         keep_alive = request.keep_alive
-        framing = b"Content-Length: %d\r\n" % len(self._complete_body)
-        if not keep_alive:
-            if version == HttpVersion11:
-                framing += b"Connection: close\r\n"
-        elif version == HttpVersion10:
-            framing += b"Connection: keep-alive\r\n"
-        if not self._has_date:
-            framing += b"Date: " + rfc822_formatted_time().encode("ascii") + b"\r\n"
+        framing = (b"Content-Length: %d\r\n" % len(self._complete_body)
+                   + _connection_and_date(version, keep_alive, self._has_date))
         status = self.status
         with_body = request.method != "HEAD" and status not in _NO_BODY_STATUS
         transport.write(b"".join((

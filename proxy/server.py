@@ -307,6 +307,14 @@ class Edge:
             await asyncio.sleep(interval)
             self.metrics.flush()
 
+    def _refuse_mutation(self, request: web.BaseRequest) -> web.Response | None:
+        """The answer to a mutating endpoint's request when it must not go ahead
+        (not a POST, or not allowed), else None."""
+        if request.method != "POST":
+            return web.Response(status=405, text="method not allowed\n",
+                                headers={"Allow": "POST"})
+        return self._may_mutate(request)
+
     def _may_mutate(self, request: web.BaseRequest) -> web.Response | None:
         """Mutating endpoints need the bearer token unless the listener is loopback."""
         if self.admin_is_loopback:
@@ -324,10 +332,7 @@ class Edge:
         if path == "/cache/purge":
             return await self._purge(request)
         if path == "/reload":
-            if request.method != "POST":
-                return web.Response(status=405, text="method not allowed\n",
-                                    headers={"Allow": "POST"})
-            refusal = self._may_mutate(request)
+            refusal = self._refuse_mutation(request)
             if refusal is not None:
                 return refusal
             result = await self.reloader.reload()
@@ -362,10 +367,7 @@ class Edge:
         return web.Response(status=404, text="not found\n")
 
     async def _purge(self, request: web.BaseRequest) -> web.Response:
-        if request.method != "POST":
-            return web.Response(status=405, text="method not allowed\n",
-                                headers={"Allow": "POST"})
-        refusal = self._may_mutate(request)
+        refusal = self._refuse_mutation(request)
         if refusal is not None:
             return refusal
         try:

@@ -36,6 +36,17 @@ async def start_backend(handler: Handler, port: int | None = None) -> tuple[web.
     return server, listener
 
 
+def ports_free(*ports: int) -> bool:
+    """Whether every one of these loopback ports can be bound now."""
+    for port in ports:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+    return True
+
+
 def port_of(listener: Any) -> int:
     return int(listener.sockets[0].getsockname()[1])
 

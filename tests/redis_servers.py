@@ -13,7 +13,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.helpers import free_port, poll
+from tests.helpers import free_port, poll, ports_free
 
 __all__ = ["RedisCluster", "RedisServer", "require_redis"]
 
@@ -74,21 +74,12 @@ class RedisServer:
                               capture_output=True, text=True, timeout=10).stdout
 
 
-def _bindable(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def free_cluster_port() -> int:
     """A free port whose cluster bus port (port + 10000) is free too: Redis Cluster
     needs both, so the port must be at most 55535."""
     for _ in range(1000):
         port = random.randint(20000, 55535)
-        if _bindable(port) and _bindable(port + 10000):
+        if ports_free(port, port + 10000):
             return port
     raise RuntimeError("no free port pair for a Redis Cluster node")
 

@@ -19,6 +19,7 @@ from tests.helpers import (
     free_port,
     poll,
     port_of,
+    ports_free,
     run_bascule,
     start_backend,
     wait_port,
@@ -137,19 +138,11 @@ def test_version() -> None:
     assert res.returncode == 0 and res.stdout.startswith("bascule ")
 
 
-def _ports_free(*ports: int) -> bool:
-    for port in ports:
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                return False
-    return True
 
 
 async def test_demo_balances_over_three_named_backends(
         procs: list[subprocess.Popen[bytes]]) -> None:
-    if not _ports_free(8080, 9001, 9002, 9003, 9901):
+    if not ports_free(8080, 9001, 9002, 9003, 9901):
         pytest.skip("demo ports 8080/9001-9003/9901 are in use on this machine")
     proc = subprocess.Popen([sys.executable, "-m", "proxy", "demo"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -16,17 +16,15 @@ from tests.plugins.test_cache_redis import (
     backend,  # noqa: F401 -- a fixture
     get,
     hits,
-    start_fleet,
+    running_fleet,
 )
 from tests.redis_servers import RedisCluster
 
 
 @pytest.fixture
 async def fleet(redis_cluster: RedisCluster, backend: int) -> AsyncIterator[Fleet]:  # noqa: F811
-    fleet = await start_fleet(redis_cluster.url, backend, redis="cluster = true")
-    yield fleet
-    await fleet.a.drain(1.0)
-    await fleet.b.drain(1.0)
+    async with running_fleet(redis_cluster.url, backend, redis="cluster = true") as fleet:
+        yield fleet
 
 
 async def test_cluster_shares_fills_and_coalesces(fleet: Fleet,
