@@ -485,6 +485,9 @@ class Cache:
             if token is None:
                 return  # another instance refreshes this key
             try:
+                current = await self.store.get(primary, secondary)
+                if current is not None and current.response_time > entry.response_time:
+                    return  # refreshed meanwhile (by another instance): nothing to do
                 age = age_from(entry.date, entry.age_value, entry.request_time,
                                entry.response_time, time.time())
                 response = await self._revalidate(copy, call_next, primary, secondary,

@@ -39,7 +39,7 @@ async def origin(request: web.BaseRequest) -> web.StreamResponse:
     if path == "/swr":
         await asyncio.sleep(0.05)
         return web.Response(text=f"swr {hits[path]}",
-                            headers={"Cache-Control": "max-age=1, stale-while-revalidate=60"})
+                            headers={"Cache-Control": "max-age=2, stale-while-revalidate=60"})
     if path == "/bytes":
         return web.Response(body=BODY, headers={"Cache-Control": "max-age=60",
                                                 "ETag": '"b1"'})
@@ -103,7 +103,7 @@ async def test_stale_while_revalidate_answers_at_once_and_refreshes_once(edge: E
         _, _, h = await get(edge, "/swr")
         return h["Cache-Status"] == "bascule; hit; detail=stale-while-revalidate"
 
-    await eventually(stale, timeout=5)
+    await eventually(stale, timeout=10)
     answers = await asyncio.gather(*(get(edge, "/swr") for _ in range(10)))
     assert all(a[0] == 200 for a in answers)
 
