@@ -36,6 +36,19 @@ async def start_backend(handler: Handler, port: int | None = None) -> tuple[web.
     return server, listener
 
 
+_HELD: list[socket.socket] = []
+
+
+def dead_port() -> int:
+    """A loopback port that refuses connections for the rest of the session: bound, so
+    no backend started later can be given it, but never listening. (A port from
+    free_port() is released at once and was seen handed to the next listener.)"""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    _HELD.append(sock)
+    return int(sock.getsockname()[1])
+
+
 def ports_free(*ports: int) -> bool:
     """Whether every one of these loopback ports can be bound now."""
     for port in ports:

@@ -10,6 +10,7 @@ import pytest
 from aiohttp import web
 
 from tests.helpers import (
+    dead_port,
     edge_url,
     free_port,
     port_of,
@@ -29,7 +30,7 @@ async def ok(request: web.BaseRequest) -> web.StreamResponse:
 async def test_refused_backend_is_skipped_for_any_method(
         method: str, client: aiohttp.ClientSession) -> None:
     _, listener = await start_backend(ok)
-    dead = free_port()
+    dead = dead_port()
     edge = await start_proxy(proxy_config({"app": [f"127.0.0.1:{dead}",
                                                    f"127.0.0.1:{port_of(listener)}"]}))
     try:

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.models import Backend, BackendSet
 from proxy.server import Edge
-from tests.helpers import free_port, port_of, start_backend, start_proxy_with_admin
+from tests.helpers import dead_port, port_of, start_backend, start_proxy_with_admin
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -31,7 +31,7 @@ async def app(request: web.BaseRequest) -> web.StreamResponse:
 async def edge() -> AsyncIterator[Edge]:
     listeners = [(await start_backend(app))[1] for _ in range(2)]
     a, b = (port_of(li) for li in listeners)
-    dead = free_port()
+    dead = dead_port()
     edge = await start_proxy_with_admin(f"""
 [[routes]]
 name = "web"

@@ -11,7 +11,14 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.helpers import edge_url, free_port, port_of, proxy_config, start_backend, start_proxy
+from tests.helpers import (
+    dead_port,
+    edge_url,
+    port_of,
+    proxy_config,
+    start_backend,
+    start_proxy,
+)
 
 
 async def timed_backend(delay: float, name: str) -> tuple[int, asyncio.AbstractServer]:
@@ -99,7 +106,7 @@ async def test_third_party_strategy_by_dotted_path() -> None:
 
     listeners = [(await start_backend(named))[1] for _ in range(2)]
     primary, standby = (port_of(li) for li in listeners)
-    dead = free_port()
+    dead = dead_port()
     edge = await start_proxy(proxy_config(
         {"app": [f"127.0.0.1:{dead}", f"127.0.0.1:{primary}", f"127.0.0.1:{standby}"]},
         upstream_extra='strategy = "tests.example_strategy.first_healthy:FirstHealthy"'))
