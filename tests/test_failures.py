@@ -12,7 +12,6 @@ from aiohttp import web
 from tests.helpers import (
     dead_port,
     edge_url,
-    free_port,
     port_of,
     proxy_config,
     raw_request,
@@ -44,8 +43,8 @@ async def test_refused_backend_is_skipped_for_any_method(
 
 
 async def test_all_backends_refusing_is_502(client: aiohttp.ClientSession) -> None:
-    edge = await start_proxy(proxy_config({"app": [f"127.0.0.1:{free_port()}",
-                                                   f"127.0.0.1:{free_port()}"]}))
+    edge = await start_proxy(proxy_config({"app": [f"127.0.0.1:{dead_port()}",
+                                                   f"127.0.0.1:{dead_port()}"]}))
     try:
         async with client.get(edge_url(edge) + "/") as resp:
             assert resp.status == 502
