@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import aiohttp
 import pytest
@@ -75,11 +74,10 @@ async def test_response_header_timeout_is_504(client: aiohttp.ClientSession) -> 
         {"app": [f"127.0.0.1:{port_of(listener)}"]},
         upstream_extra='timeouts = { response_header = "200ms" }'))
     try:
-        started = time.monotonic()
+        # The backend would answer 200 after 5 s: a 504 is the deadline at work.
         async with client.get(edge_url(edge) + "/") as resp:
             assert resp.status == 504
             assert await resp.text() == "backend timed out\n"
-        assert time.monotonic() - started < 2.0
     finally:
         await edge.drain(1.0)
         listener.close()
@@ -103,12 +101,11 @@ async def test_backend_dying_mid_response_cuts_the_client(
     _, listener = await start_backend(dies)
     edge = await start_proxy(proxy_config({"app": [f"127.0.0.1:{port_of(listener)}"]}))
     try:
-        started = time.monotonic()
+        # Cut, not left hanging: the guard fails the test if the client waits on.
         with pytest.raises(aiohttp.ClientPayloadError):
-            async with client.get(edge_url(edge) + "/die") as resp:
+            async with asyncio.timeout(10), client.get(edge_url(edge) + "/die") as resp:
                 assert resp.status == 200
                 await resp.read()
-        assert time.monotonic() - started < 1.0
         pool = next(iter(edge.runtime.upstreams["app"].pools.values()))
         assert pool.idle_count == 0  # the broken connection was not pooled
         async with client.get(edge_url(edge) + "/fine") as resp:
@@ -119,12 +116,14 @@ async def test_backend_dying_mid_response_cuts_the_client(
 
 
 async def test_read_idle_timeout_cuts_a_stalled_body(client: aiohttp.ClientSession) -> None:
+    released = asyncio.Event()
+
     async def stalls(request: web.BaseRequest) -> web.StreamResponse:
         resp = web.StreamResponse()
         resp.content_length = 100
         await resp.prepare(request)
         await resp.write(b"x" * 10)
-        await asyncio.sleep(5)
+        await released.wait()  # stalls until the test ends: only read_idle can cut it
         return resp
 
     _, listener = await start_backend(stalls)
@@ -132,12 +131,11 @@ async def test_read_idle_timeout_cuts_a_stalled_body(client: aiohttp.ClientSessi
         {"app": [f"127.0.0.1:{port_of(listener)}"]},
         upstream_extra='timeouts = { read_idle = "300ms" }'))
     try:
-        started = time.monotonic()
         with pytest.raises(aiohttp.ClientPayloadError):
-            async with client.get(edge_url(edge) + "/") as resp:
+            async with asyncio.timeout(10), client.get(edge_url(edge) + "/") as resp:
                 await resp.read()
-        assert time.monotonic() - started < 2.0
     finally:
+        released.set()
         await edge.drain(1.0)
         listener.close()
 
@@ -280,7 +278,7 @@ async def test_bytes_beyond_content_length_are_not_forwarded(
 async def test_total_timeout_cuts_a_long_exchange(client: aiohttp.ClientSession) -> None:
     async def trickles(request: web.BaseRequest) -> web.StreamResponse:
         resp = web.StreamResponse()
-        resp.content_length = 1000
+        resp.content_length = 100  # complete after ~5 s unless cut
         await resp.prepare(request)
         for _ in range(100):  # each piece well within read_idle, the whole far over total
             await resp.write(b"x")
@@ -292,11 +290,11 @@ async def test_total_timeout_cuts_a_long_exchange(client: aiohttp.ClientSession)
         {"app": [f"127.0.0.1:{port_of(listener)}"]},
         upstream_extra='timeouts = { total = "400ms", read_idle = "1s" }'))
     try:
-        started = time.monotonic()
+        # Left alone the body would complete in ~5 s; read_idle (1 s) never fires
+        # between 50 ms pieces, so a cut body is the total deadline at work.
         with pytest.raises(aiohttp.ClientPayloadError):
             async with client.get(edge_url(edge) + "/") as resp:
                 await resp.read()
-        assert 0.3 < time.monotonic() - started < 2.0
     finally:
         await edge.drain(1.0)
         listener.close()

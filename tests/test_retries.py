@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -116,9 +115,9 @@ async def test_per_try_timeout_moves_on(backends: Backends) -> None:
     good = await backends.start("good", "ok")
     edge = await edge_for([slow, good], 'retry_on = ["timeout"], per_try_timeout = "200ms"')
     try:
-        started = time.monotonic()
+        # slow is first in turn and would answer "slow:0" after 3 s
         assert await call(edge) == (200, "good:0")
-        assert time.monotonic() - started < 1.5
+        assert backends.hits == {"slow": 1, "good": 1}
     finally:
         await edge.drain(1.0)
 
@@ -163,9 +162,7 @@ async def test_max_inflight_answers_503_fast(backends: Backends) -> None:
     slow = await backends.start("slow", "ok", delay=0.5)
     edge = await edge_for([slow], "attempts = 1", extra="max_inflight = 2")
     try:
-        started = time.monotonic()
         statuses = await run_burst(edge, 5)
-        assert statuses == {200: 2, 503: 3}
-        assert time.monotonic() - started < 1.5
+        assert statuses == {200: 2, 503: 3}  # queued requests would have been 200s
     finally:
         await edge.drain(1.0)
