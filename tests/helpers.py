@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import socket
 import subprocess
@@ -13,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from proxy.app import build_runtime
@@ -157,6 +159,55 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0
     while not await check():
         assert loop.time() < deadline, "condition not met in time"
         await asyncio.sleep(0.05)
+
+
+class GetLoad:
+    """`clients` sessions GETting `url` in a loop while the block runs: answers other
+    than 200 are kept in `errors`, answered bodies counted in `seen` by `key(text)`."""
+
+    def __init__(self, url: str, clients: int, key: Callable[[str], str] = str) -> None:
+        self.url = url
+        self.clients = clients
+        self.key = key
+        self.errors: list[str] = []
+        self.seen: collections.Counter[str] = collections.Counter()
+        self.stop = asyncio.Event()
+        self.total = 0  # requests answered since the start
+        self._tasks: list[asyncio.Future[None]] = []
+
+    async def _client(self) -> None:
+        async with aiohttp.ClientSession() as session:
+            while not self.stop.is_set():
+                async with session.get(self.url) as resp:
+                    text = await resp.text()
+                    if resp.status != 200:
+                        self.errors.append(f"GET {resp.status} {text}")
+                    self.seen[self.key(text)] += 1
+                    self.total += 1
+
+    async def __aenter__(self) -> GetLoad:
+        self._tasks = [asyncio.ensure_future(self._client()) for _ in range(self.clients)]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.stop.set()
+        await asyncio.gather(*self._tasks)
+
+    async def more(self, count: int) -> None:
+        """Wait until `count` more requests have been answered."""
+        target = self.total + count
+
+        async def enough() -> bool:
+            return self.total >= target
+
+        await eventually(enough)
+
+    async def answered(self, key: str, count: int = 1) -> None:
+        """Wait until `key` has answered `count` requests since `seen` was cleared."""
+        async def enough() -> bool:
+            return self.seen[key] >= count
+
+        await eventually(enough)
 
 
 def poll(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:

@@ -4,7 +4,6 @@ ejection limits, panic mode, slow start."""
 from __future__ import annotations
 
 import asyncio
-import collections
 import json
 from typing import Any
 
@@ -12,7 +11,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy.server import Edge
-from tests.helpers import eventually, port_of, start_backend, start_proxy_with_admin
+from tests.helpers import GetLoad, eventually, port_of, start_backend, start_proxy_with_admin
 
 
 class Flaky:
@@ -67,47 +66,33 @@ async def test_backend_killed_under_load_no_errors_ejected_then_readmitted() -> 
                                      'retry = { backoff_base = "1ms" }')
     victim = backends[0]
     key = f"127.0.0.1:{victim.port}"
-    errors: list[str] = []
-    seen: collections.Counter[str] = collections.Counter()
-    stop = asyncio.Event()
-
-    async def client() -> None:
-        async with aiohttp.ClientSession() as session:
-            while not stop.is_set():
-                async with session.get(f"http://127.0.0.1:{edge.ports[0]}/") as resp:
-                    text = await resp.text()
-                    if resp.status != 200:
-                        errors.append(f"{resp.status} {text}")
-                    seen[text] += 1
-
-    clients = [asyncio.ensure_future(client()) for _ in range(20)]
+    load = GetLoad(f"http://127.0.0.1:{edge.ports[0]}/", clients=20)
     try:
-        await asyncio.sleep(0.3)
-        await victim.kill()
+        async with load:
+            await load.answered("a", 5)  # traffic flows through all three
+            await victim.kill()
 
-        async def ejected() -> bool:
-            return not (await backend_states(edge))[key]["healthy"]
+            async def ejected() -> bool:
+                return not (await backend_states(edge))[key]["healthy"]
 
-        await eventually(ejected)
-        state = (await backend_states(edge))[key]
-        assert state["health"]["ejections"] >= 1
-        await victim.start()  # back on the same port
+            await eventually(ejected)
+            state = (await backend_states(edge))[key]
+            assert state["health"]["ejections"] >= 1
+            await victim.start()  # back on the same port
 
-        async def readmitted() -> bool:
-            return bool((await backend_states(edge))[key]["healthy"])
+            async def readmitted() -> bool:
+                return bool((await backend_states(edge))[key]["healthy"])
 
-        await eventually(readmitted, timeout=15)
-        ramp = (await backend_states(edge))[key]["ramp"]
-        assert ramp < 1.0  # slow start: not yet at full weight
-        seen.clear()
-        await eventually(lambda: _true(seen["a"] > 0))
+            await eventually(readmitted, timeout=15)
+            ramp = (await backend_states(edge))[key]["ramp"]
+            assert ramp < 1.0  # slow start: not yet at full weight
+            load.seen.clear()
+            await load.answered("a")
     finally:
-        stop.set()
-        await asyncio.gather(*clients)
         await edge.drain(1.0)
         for b in backends:
             b.listener.close()
-    assert errors == []
+    assert load.errors == []
 
 
 async def _true(value: object) -> bool:

@@ -19,7 +19,9 @@ from proxy.app import build_runtime
 from proxy.config import load_config
 from proxy.server import Edge
 from tests.helpers import (
+    GetLoad,
     children_of,
+    eventually,
     free_port,
     poll,
     port_of,
@@ -134,18 +136,7 @@ async def test_reload_under_load_fails_nothing(tmp_path: Path, three: dict[str, 
     port, admin = free_port(), free_port()
     path.write_text(config_text(port, admin, [three["a"], slow_port]))
     edge = await start_edge(path)
-    failures: list[str] = []
-    seen: collections.Counter[str] = collections.Counter()
-    stop = asyncio.Event()
-
-    async def getter() -> None:
-        async with aiohttp.ClientSession() as session:
-            while not stop.is_set():
-                async with session.get(f"http://127.0.0.1:{port}/") as resp:
-                    text = await resp.text()
-                    if resp.status != 200:
-                        failures.append(f"GET {resp.status} {text}")
-                    seen[text.split(":")[0]] += 1
+    load = GetLoad(f"http://127.0.0.1:{port}/", clients=4, key=lambda t: t.split(":")[0])
 
     async def poster() -> None:
         async def body() -> AsyncIterator[bytes]:
@@ -154,33 +145,36 @@ async def test_reload_under_load_fails_nothing(tmp_path: Path, three: dict[str, 
                 await asyncio.sleep(0.02)
 
         async with aiohttp.ClientSession() as session:
-            while not stop.is_set():
+            while not load.stop.is_set():
                 async with session.post(f"http://127.0.0.1:{port}/", data=body()) as resp:
                     text = await resp.text()
                     if resp.status != 200 or not text.endswith(":20480"):
-                        failures.append(f"POST {resp.status} {text}")
+                        load.errors.append(f"POST {resp.status} {text}")
 
-    tasks = [asyncio.ensure_future(getter()) for _ in range(4)] + [
-        asyncio.ensure_future(poster()) for _ in range(2)]
+    posters: list[asyncio.Future[None]] = []
     try:
-        for backends in ([three["b"], slow_port], [three["c"]], [three["a"], three["c"]],
-                         [three["c"]]):
-            await asyncio.sleep(0.2)
-            path.write_text(config_text(port, admin, backends))
-            status, result = await post_reload(edge)
-            assert status == 200 and result["changed"], result
-        # requests begun before the last commit finish: the old runtimes retire
-        while edge.reloader._retiring:
-            await asyncio.sleep(0.02)
-        seen.clear()
-        await asyncio.sleep(0.5)
+        async with load:
+            posters = [asyncio.ensure_future(poster()) for _ in range(2)]
+            for backends in ([three["b"], slow_port], [three["c"]], [three["a"], three["c"]],
+                             [three["c"]]):
+                await load.more(10)  # traffic on the current config first
+                path.write_text(config_text(port, admin, backends))
+                status, result = await post_reload(edge)
+                assert status == 200 and result["changed"], result
+
+            async def retired() -> bool:
+                # requests begun before the last commit finish: old runtimes retire
+                return not edge.reloader._retiring
+
+            await eventually(retired)
+            load.seen.clear()
+            await load.answered("c", 20)
     finally:
-        stop.set()
-        await asyncio.gather(*tasks)
+        await asyncio.gather(*posters)  # they stop with the load
         await edge.drain(2.0)
         slow.close()
-    assert failures == []
-    assert seen["c"] > 0 and set(seen) == {"c"}  # only the last config's backend
+    assert load.errors == []
+    assert set(load.seen) == {"c"}  # only the last config's backend
 
 
 async def test_admin_reload_needs_token_off_loopback(tmp_path: Path,
