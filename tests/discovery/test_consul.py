@@ -102,17 +102,35 @@ async def test_instances_come_and_go_under_traffic(consul: ConsulEmulator,
         await consul.add("web", "web-c", backends["c"])
         await eventually(lambda: _true(seen["c"]), timeout=3)
         reached_c = loop.time() - added
+        async def a_gone() -> bool:  # backend ids are "<node>/<service id>"
+            return not any(i.endswith("/web-a") for i in edge.runtime.live_backends()["web"])
+
+        assert not await a_gone()
         await consul.remove("web-a")
-        await asyncio.sleep(0.5)
+
+        await eventually(a_gone)
+
+        async def more(count: int) -> None:
+            target = seen.total() + count
+
+            async def enough() -> bool:
+                return seen.total() >= target
+
+            await eventually(enough)
+
+        await more(50)  # requests that had picked a before the update are done
         before = seen["a"]
-        await asyncio.sleep(0.5)
+        await more(100)
         assert seen["a"] == before  # a no longer gets traffic
     finally:
         stop.set()
         await asyncio.gather(*clients)
         await edge.drain(1.0)
     print(f"new instance served {reached_c * 1000:.0f} ms after registration")
-    assert reached_c < 1.0
+    # Picked up by a blocking query that was waiting (not a poll): every query after
+    # the first carries the last X-Consul-Index and a wait.
+    later = consul.health_queries("web")[1:]
+    assert later and all(q.get("index", ["0"])[0] != "0" and "wait" in q for q in later)
     assert errors == []
 
 
