@@ -23,6 +23,7 @@ from proxy.models import Backend, BackendSet
 from proxy.plugin import Plugin, PluginContext
 from proxy.routing import Route, RouteTable
 from proxy.strategy import Strategy
+from proxy.upstream.connection import ResponseLimits
 from proxy.upstream.pool import BackendPool
 
 __all__ = ["Runtime", "Upstream", "build_runtime", "build_strategy"]
@@ -46,6 +47,8 @@ class Upstream:
         self.max_inflight = config.max_inflight
         self.max_inflight_per_backend = config.max_inflight_per_backend
         self.pools: dict[str, BackendPool] = {}
+        self.response_limits = ResponseLimits(config.max_response_header_size,
+                                              config.max_response_headers)
         self.health = HealthMonitor(name, config, balancer)
         # A strategy that hashes requests names its key source (`hash_on`).
         self.hash_on: HashKeySource | None = getattr(balancer.strategy, "hash_on", None)
@@ -58,6 +61,7 @@ class Upstream:
                 max_idle=self.config.pool_size,
                 idle_timeout=self.config.idle_timeout,
                 connect_timeout=self.timeouts.connect,
+                limits=self.response_limits,
             )
         return pool
 

@@ -368,6 +368,17 @@ class UpstreamConfig(_Strict):
     slow_start: Duration = 0.0
     max_inflight: int = Field(default=0, ge=0)  # per upstream and worker; 0 = no limit
     max_inflight_per_backend: int = Field(default=0, ge=0)
+    # What a backend may send in a response head (all 1xx heads of an exchange and
+    # the final one together; fields per head). Over them: 502, connection closed.
+    max_response_header_size: Size = 16 * 1024
+    max_response_headers: int = Field(default=100, ge=1, le=10_000)
+
+    @field_validator("max_response_header_size")
+    @classmethod
+    def _response_head(cls, value: int) -> int:
+        if not 1024 <= value <= 16 * 1024**2:
+            raise ValueError("must be between 1KiB and 16MiB")
+        return value
 
 
 class PluginConfig(_Strict):

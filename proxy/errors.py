@@ -17,6 +17,7 @@ __all__ = [
     "PluginError",
     "UpstreamBusy",
     "UpstreamConnectError",
+    "UpstreamInvalidResponse",
     "UpstreamProtocolError",
     "UpstreamTimeout",
 ]
@@ -47,6 +48,11 @@ class UpstreamProtocolError(BasculeError):
 
     status = 502
     public_message = "bad response from backend"
+
+
+class UpstreamInvalidResponse(UpstreamProtocolError):
+    """The backend's response is malformed or over a limit (head size, field count):
+    answered 502, the connection closed, and counted per backend."""
 
 
 class UpstreamTimeout(BasculeError):

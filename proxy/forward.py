@@ -30,6 +30,7 @@ from proxy.errors import (
     NoRouteError,
     UpstreamBusy,
     UpstreamConnectError,
+    UpstreamInvalidResponse,
     UpstreamProtocolError,
     UpstreamTimeout,
 )
@@ -37,7 +38,7 @@ from proxy.headers import build_request_head, is_trusted
 from proxy.metrics import Metrics
 from proxy.models import Backend
 from proxy.plugin import Handler, Plugin, ProxyRequest, ProxyResponse
-from proxy.response import CompleteResponse, ProxiedResponse
+from proxy.response import CompleteResponse, ProxiedResponse, plain_answer
 from proxy.routing import Route, normalise_host, strip_path_prefix
 from proxy.strategy import RequestContext
 from proxy.upstream.connection import ResponseHead, UpstreamConnection
@@ -56,12 +57,9 @@ _COMPLETE_WRITE_MAX: Final = 1024 * 1024
 _IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 
-def error_response(status: int, message: str, *, close: bool = False) -> web.Response:
+def error_response(status: int, message: str, *, close: bool = False) -> web.StreamResponse:
     """Short plain-text error; never echoes request bytes."""
-    resp = web.Response(status=status, text=message + "\n", content_type="text/plain")
-    if close:
-        resp.force_close()
-    return resp
+    return plain_answer(status, message, close=close)
 
 
 class _IdleWatchdog:
@@ -473,9 +471,14 @@ class _Exchange:
         conn = self.conn
         assert conn is not None
         fields = head.fields
+        no_body = self.request.method == "HEAD" or head.status in _NO_BODY_STATUS
+        if fields.codings and not no_body:
+            # A transfer coding other than chunked belongs to this hop's framing, which
+            # a plugin's response does not carry: refused rather than passed on mislabelled.
+            self._finish(started, False)
+            raise UpstreamInvalidResponse("transfer-coded response on a route with plugins")
         headers: CIMultiDict[str] = CIMultiDict(fields.items())
         reason = head.reason.decode("latin-1")
-        no_body = self.request.method == "HEAD" or head.status in _NO_BODY_STATUS
         complete = conn.take_buffered_body()
         if complete is not None:
             self._release_conn(conn.finish())
@@ -523,6 +526,8 @@ class _Exchange:
                     except UpstreamProtocolError as exc:
                         conn = self.conn
                         assert conn is not None
+                        if isinstance(exc, UpstreamInvalidResponse):
+                            self.metrics.backend(upstream.name, backend.id).invalid_responses += 1
                         # A pooled connection the backend closed while idle fails
                         # before a single response byte; nothing was processed, so a
                         # bodiless request is safely resent once on a fresh one.
@@ -621,7 +626,7 @@ class _Exchange:
         if not self.has_body:
             conn.request_sent()
             conn.arm_timer(head_timeout, "response header")
-            return await conn.read_head()
+            return await self._final_head(conn)
         request = self.request
         if (not self.continue_sent and request.version >= (1, 1)
                 and request.headers.get("Expect", "").lower() == "100-continue"):
@@ -629,7 +634,7 @@ class _Exchange:
             await request.writer.write(_CONTINUE)
         pump = self.runtime.loop.create_task(self._send_body(conn, head_timeout))
         try:
-            head = await conn.read_head()
+            head = await self._final_head(conn)
         except BaseException:
             pump.cancel()
             raise
@@ -638,6 +643,21 @@ class _Exchange:
             # stop sending; the connection cannot be reused.
             pump.cancel()
         return head
+
+    async def _final_head(self, conn: UpstreamConnection) -> ResponseHead:
+        """The final response head; interim 1xx heads that come before it are relayed
+        to HTTP/1.1 clients as they arrive (RFC 9110 §15.2: never to HTTP/1.0
+        clients) and never stored. 100 Continue is not relayed: Bascule answers
+        Expect itself."""
+        while True:
+            head = await conn.read_head()
+            if isinstance(head, ResponseHead):
+                return head
+            request = self.request
+            transport = request.transport
+            if (head.status != 100 and request.version >= (1, 1) and transport is not None
+                    and not transport.is_closing()):
+                transport.write(head.encode())
 
     async def _send_body(self, conn: UpstreamConnection, head_timeout: float) -> None:
         server = self.runtime.server
@@ -712,11 +732,16 @@ class _Exchange:
         request = self.request
         fields = head.fields
         block, length, has_date = fields.block(), fields.body_length, fields.has_date
-        body = conn.take_buffered_body()
         no_body = request.method == "HEAD" or head.status in _NO_BODY_STATUS
-        if length is None and body is not None and not no_body:
+        codings = b"" if no_body else fields.codings
+        if codings and request.version < (1, 1):
+            # RFC 9112 §6.1: no Transfer-Encoding to an HTTP/1.0 client, and without
+            # it the body could not be decoded.
+            raise UpstreamInvalidResponse("transfer-coded response for an HTTP/1.0 client")
+        body = conn.take_buffered_body()
+        if length is None and body is not None and not no_body and not codings:
             length = len(body)  # complete already: send it length-delimited
-        resp = ProxiedResponse(head.status, head.reason, block, length, has_date)
+        resp = ProxiedResponse(head.status, head.reason, block, length, has_date, codings)
         try:
             return await self._write_response(resp, body, no_body)
         except ConnectionError:

@@ -138,19 +138,24 @@ def build_request_head(
 class ResponseHeaderFilter:
     """Filters a backend's response header fields one at a time, as the parser
     delivers them, so the response head needs no second pass: keeps end-to-end
-    fields as ready-to-send lines, and notes framing, Date and Via."""
+    fields as ready-to-send lines, and notes framing, Date, Via and the head's size
+    and field count (checked against the upstream's limits once the head is parsed)."""
 
-    __slots__ = ("chunked", "has_date", "kept", "length", "nominated", "via")
+    __slots__ = ("count", "has_date", "kept", "length", "nominated", "size", "te", "via")
 
     def __init__(self) -> None:
         self.kept: list[tuple[bytes, bytes]] = []
         self.nominated: set[bytes] | None = None
         self.via = b""
         self.length: int | None = None
-        self.chunked = False
+        self.te = b""  # every Transfer-Encoding field's value, joined in order
         self.has_date = False
+        self.size = 0
+        self.count = 0
 
     def add(self, name: bytes, value: bytes) -> None:
+        self.size += len(name) + len(value) + 4
+        self.count += 1
         lname = name.lower()
         if lname not in _DROP_RESPONSE:
             self.kept.append((lname, name + b": " + value + b"\r\n"))
@@ -160,7 +165,7 @@ class ResponseHeaderFilter:
             if value.strip().isdigit():
                 self.length = int(value)
         elif lname == b"transfer-encoding":
-            self.chunked = True
+            self.te = self.te + b", " + value if self.te else value
         elif lname == b"connection":
             if self.nominated is None:
                 self.nominated = set()
@@ -169,14 +174,36 @@ class ResponseHeaderFilter:
             self.via = self.via + b", " + value if self.via else value
 
     @property
+    def chunked(self) -> bool:
+        """RFC 9112 §6.3 rule 4: the body is chunked only when chunked is the final
+        transfer coding."""
+        te = self.te
+        return bool(te) and te.rpartition(b",")[2].strip().lower() == b"chunked"
+
+    @property
+    def codings(self) -> bytes:
+        """Transfer codings other than a final chunked (e.g. b"gzip"): they belong to
+        the message and must reach the client with it, or the body cannot be read."""
+        te = self.te
+        if not te:
+            return b""
+        if self.chunked:
+            return te.rpartition(b",")[0].strip()
+        return te
+
+    @property
     def delimited(self) -> bool:
-        """True when the body is framed by Content-Length or chunked coding."""
-        return self.chunked or self.length is not None
+        """True when the body is framed by Content-Length or chunked coding. A
+        Transfer-Encoding whose final coding is not chunked means the body runs until
+        the connection closes (RFC 9112 §6.3 rule 4), whatever Content-Length says."""
+        if self.te:
+            return self.chunked
+        return self.length is not None
 
     @property
     def body_length(self) -> int | None:
         # RFC 9112 §6.3: Transfer-Encoding overrides Content-Length.
-        return None if self.chunked else self.length
+        return None if self.te else self.length
 
     def items(self) -> list[tuple[str, str]]:
         """The client-bound fields as (name, value) strings, Via appended."""

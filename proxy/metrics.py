@@ -70,12 +70,13 @@ class _RouteStats:
 
 
 class _BackendStats:
-    __slots__ = ("connect_errors", "latency", "timeouts")
+    __slots__ = ("connect_errors", "invalid_responses", "latency", "timeouts")
 
     def __init__(self) -> None:
         self.latency = _LocalHistogram()
         self.connect_errors = 0
         self.timeouts = 0
+        self.invalid_responses = 0
 
 
 class _FilteredRegistry:
@@ -148,6 +149,10 @@ class Metrics:
             ["upstream", "backend"], registry=r)
         self.timeouts = Counter(
             "bascule_backend_timeouts_total", "Exchanges with a backend that timed out.",
+            ["upstream", "backend"], registry=r)
+        self.invalid_responses = Counter(
+            "bascule_backend_invalid_responses_total", "Responses refused (502) as "
+            "malformed or over the upstream's response head limits.",
             ["upstream", "backend"], registry=r)
         self.retries = Counter(
             "bascule_retries_total", "Requests sent again to another backend or "
@@ -317,6 +322,9 @@ class Metrics:
                 self.connect_errors.labels(upstream, backend_id).inc(bstats.connect_errors)
             if bstats.timeouts:
                 self.timeouts.labels(upstream, backend_id).inc(bstats.timeouts)
+            if bstats.invalid_responses:
+                self.invalid_responses.labels(upstream, backend_id).inc(
+                    bstats.invalid_responses)
         retries, self._retries = self._retries, {}
         for upstream, count in retries.items():
             self.retries.labels(upstream).inc(count)
@@ -364,7 +372,8 @@ class Metrics:
         live_ids = {b for _, b in seen}
         self._backend_ids &= live_ids | {OTHER}
         for metric in (self.backend_inflight, self.backend_up, self.upstream_duration,
-                       self.connect_errors, self.timeouts, self.state_changes):
+                       self.connect_errors, self.timeouts, self.invalid_responses,
+                       self.state_changes):
             for labels in list(metric._metrics):
                 if labels[:2] not in seen and labels[1] != OTHER:
                     metric.remove(*labels)

@@ -72,7 +72,8 @@ def carry_over(old: Runtime, new: Runtime) -> None:
         upstream.balancer.panic = previous.balancer.panic
         same_pools = (previous.config.pool_size == upstream.config.pool_size
                       and previous.config.idle_timeout == upstream.config.idle_timeout
-                      and previous.timeouts.connect == upstream.timeouts.connect)
+                      and previous.timeouts.connect == upstream.timeouts.connect
+                      and previous.response_limits == upstream.response_limits)
         if same_pools:
             ids = {b.id for b in upstream.balancer.backends} | (
                 {b.id for b in previous.balancer.backends} if upstream.config.consul else set())

@@ -7,16 +7,23 @@ subclass writes the backend's already-filtered header lines as they are, and onl
 decides what is hop-by-hop for the client connection: framing (Content-Length or
 chunked, RFC 9112 §6), Connection, and Date when the backend sent none (RFC 9110
 §6.6.1). aiohttp's writer still owns the socket, keep-alive and flow control.
+
+Every status line says HTTP/1.1, whatever the client's version: RFC 9112 §2.3 (a
+server sends the highest version it conforms to), as nginx does; framing and
+Connection still follow the client's version. `plain_answer` is Bascule's own short
+error or status answer, written the same way (no Server header, no request bytes).
 """
 
 from __future__ import annotations
+
+from http import HTTPStatus
 
 from aiohttp import web
 from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import HttpVersion, HttpVersion10, HttpVersion11
 from aiohttp.web_request import BaseRequest
 
-__all__ = ["CompleteResponse", "ProxiedResponse"]
+__all__ = ["CompleteResponse", "ProxiedResponse", "plain_answer"]
 
 _NO_BODY_STATUS = frozenset({204, 304})
 
@@ -37,8 +44,9 @@ def _connection_and_date(version: HttpVersion, keep_alive: bool, has_date: bool)
 
 class ProxiedResponse(web.StreamResponse):
     def __init__(self, status: int, reason: bytes, head_block: bytes,
-                 length: int | None, has_date: bool) -> None:
+                 length: int | None, has_date: bool, codings: bytes = b"") -> None:
         super().__init__(status=status)
+        self._codings = codings  # transfer codings applied before chunked, e.g. b"gzip"
         self._reason_bytes = reason
         self._head_block = head_block
         self._upstream_length = length
@@ -65,7 +73,9 @@ class ProxiedResponse(web.StreamResponse):
             framing = b"Content-Length: %d\r\n" % length
         elif version >= HttpVersion11:
             writer.enable_chunking()
-            framing = b"Transfer-Encoding: chunked\r\n"
+            codings = self._codings
+            framing = (b"Transfer-Encoding: " + codings + b", chunked\r\n" if codings
+                       else b"Transfer-Encoding: chunked\r\n")
         else:
             framing = b""
             keep_alive = False  # HTTP/1.0 without a length: the body ends at close
@@ -76,10 +86,9 @@ class ProxiedResponse(web.StreamResponse):
         request = self._req
         writer = self._payload_writer
         assert request is not None and writer is not None
-        version = request.version
         reason = self._reason_bytes or self.reason.encode("latin-1")
         head = b"".join((
-            b"HTTP/%d.%d %d " % (version[0], version[1], self.status), reason, b"\r\n",
+            b"HTTP/1.1 %d " % self.status, reason, b"\r\n",
             self._head_block, self._framing, b"\r\n",
         ))
         # Same hand-off as StreamWriter.write_headers(), minus re-serialising:
@@ -97,8 +106,9 @@ class CompleteResponse(web.StreamResponse):
     bytes go to the transport at once, without waiting for the client to drain."""
 
     def __init__(self, status: int, reason: bytes, head_block: bytes, body: bytes,
-                 has_date: bool) -> None:
+                 has_date: bool, *, close: bool = False) -> None:
         super().__init__(status=status)
+        self._close = close
         self._reason_bytes = reason
         self._head_block = head_block
         self._complete_body = body
@@ -111,13 +121,13 @@ class CompleteResponse(web.StreamResponse):
         if transport is None or transport.is_closing():
             raise ConnectionResetError("client connection closed")
         version = request.version
-        keep_alive = request.keep_alive
+        keep_alive = request.keep_alive and not self._close
         framing = (b"Content-Length: %d\r\n" % len(self._complete_body)
                    + _connection_and_date(version, keep_alive, self._has_date))
         status = self.status
         with_body = request.method != "HEAD" and status not in _NO_BODY_STATUS
         transport.write(b"".join((
-            b"HTTP/%d.%d %d " % (version[0], version[1], status), self._reason_bytes,
+            b"HTTP/1.1 %d " % status, self._reason_bytes,
             b"\r\n", self._head_block, framing, b"\r\n",
             self._complete_body if with_body else b"")))
         self._keep_alive = keep_alive
@@ -126,3 +136,19 @@ class CompleteResponse(web.StreamResponse):
 
     async def write_eof(self, data: bytes = b"") -> None:
         return None
+
+
+_TEXT_PLAIN = b"Content-Type: text/plain; charset=utf-8\r\n"
+
+
+def plain_answer(status: int, message: str, *, close: bool = False,
+                 fields: bytes = b"") -> CompleteResponse:
+    """Bascule's own answer: `message` as text/plain, an HTTP/1.1 status line, and
+    `Connection: close` when `close` (after a framing or size error the rest of the
+    connection cannot be trusted). `fields` are extra ready-made header lines."""
+    try:
+        reason = HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        reason = b"Error"
+    return CompleteResponse(status, reason, _TEXT_PLAIN + fields,
+                            message.encode("utf-8") + b"\n", False, close=close)

@@ -27,6 +27,7 @@ from proxy.forward import Forwarder
 from proxy.metrics import Metrics, multiprocess_dir_is_set
 from proxy.purge import PurgeBroadcast, PurgeSpec, apply_purge
 from proxy.reload import Reloader
+from proxy.response import plain_answer
 
 __all__ = ["BasculeServer", "Edge", "c_parser_in_use", "listen_socket", "serve_worker"]
 
@@ -115,9 +116,7 @@ class _EdgeProtocol(RequestHandler):
             log.error("error handling request", exc_info=exc)
         else:
             text = "error"
-        resp = web.Response(status=status, text=text + "\n", content_type="text/plain")
-        resp.force_close()
-        return resp
+        return plain_answer(status, text, close=True)
 
 
 class BasculeServer(web.Server):

@@ -55,6 +55,6 @@ async def test_pipelined_requests_are_answered_in_order(edge: Edge) -> None:
 
 async def test_http10_client_gets_a_close_delimited_or_sized_response(edge: Edge) -> None:
     raw = await raw_request(edge.ports[0], b"GET / HTTP/1.0\r\nHost: t\r\n\r\n")
-    assert raw.startswith(b"HTTP/1.0 200 OK\r\n")
+    assert raw.startswith(b"HTTP/1.1 200 OK\r\n")  # RFC 9112 §2.3, as nginx answers
     assert raw.endswith(b"\r\n\r\nok")
     assert b"Transfer-Encoding" not in raw

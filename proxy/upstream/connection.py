@@ -7,24 +7,51 @@ follows RFC 9112 §6.3: HEAD and 1xx/204/304 have no body; Content-Length or chu
 delimit it; otherwise it runs to connection close (then the connection is not reused).
 All timeouts are a single loop timer re-armed per phase, not a task or context
 manager per request.
+
+Exactly one response per request: parsing stops at the end of the final response
+(a parser callback raises `_StopParsing` when another message would begin, or when
+bytes follow a bodiless HEAD/204/304 response). Whatever follows — more bytes in the
+same read or a later one — cannot belong to any request, so the response already
+received is delivered intact and the connection is closed instead of reused (as
+nginx and HAProxy do), reported once per backend. Interim 1xx heads are queued for
+the exchange to relay (RFC 9110 §15.2). The heads' total size and each head's field
+count are bounded (`ResponseLimits`); over them the exchange fails with
+`UpstreamInvalidResponse` before the parser has buffered more than one read beyond
+the limit.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import httptools
 
-from proxy.errors import UpstreamProtocolError, UpstreamTimeout
+from proxy.errors import UpstreamInvalidResponse, UpstreamProtocolError, UpstreamTimeout
 from proxy.headers import ResponseHeaderFilter
 
-__all__ = ["ResponseHead", "UpstreamConnection"]
+__all__ = ["InterimHead", "ResponseHead", "ResponseLimits", "UpstreamConnection"]
 
 # Upstream body bytes buffered before we stop reading the socket (backpressure
 # from a slow client reaches the backend through TCP flow control).
 _HIGH_WATER = 256 * 1024
 _LOW_WATER = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseLimits:
+    """What one response's head may take: bytes of every head of the exchange
+    together (interim 1xx heads included), and header fields per head."""
+
+    max_head_size: int = 16 * 1024
+    max_headers: int = 100
+
+
+class _StopParsing(Exception):
+    """Raised from a parser callback: the final response is complete and what the
+    parser is looking at is not part of it."""
 
 
 class ResponseHead:
@@ -36,9 +63,30 @@ class ResponseHead:
         self.fields = fields
 
 
+class InterimHead:
+    """A 1xx response head, with its end-to-end fields as ready-to-send lines."""
+
+    __slots__ = ("block", "reason", "status")
+
+    def __init__(self, status: int, reason: bytes, block: bytes):
+        self.status = status
+        self.reason = reason
+        self.block = block
+
+    def encode(self) -> bytes:
+        return b"HTTP/1.1 %d %s\r\n%s\r\n" % (self.status, self.reason, self.block)
+
+
+_DEFAULT_LIMITS = ResponseLimits()
+
+
 class UpstreamConnection(asyncio.Protocol):
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop,
+                 limits: ResponseLimits = _DEFAULT_LIMITS,
+                 on_violation: Callable[[str], None] | None = None) -> None:
         self._loop = loop
+        self._limits = limits
+        self._on_violation = on_violation
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.idle_since = 0.0
@@ -50,6 +98,10 @@ class UpstreamConnection(asyncio.Protocol):
         self._reason = b""
         self._fields = ResponseHeaderFilter()
         self._head: ResponseHead | None = None
+        self._interims: deque[InterimHead] = deque()
+        self._head_bytes = 0  # bytes received before the final head was complete
+        self._head_size = 0  # parsed size of the heads so far (status lines and fields)
+        self._discarding = False  # bytes followed the response: not reusable
         self._head_waiter: asyncio.Future[None] | None = None
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
@@ -80,10 +132,13 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        if not self.in_exchange or self._complete:
-            # Bytes from an idle connection (or after a complete response) cannot be
-            # framed: the connection is unusable.
+        if not self.in_exchange:
+            # Bytes from an idle connection cannot be framed: the connection is unusable.
             self._fail(UpstreamProtocolError("unexpected data from backend"))
+            self._report("bytes from an idle connection")
+            return
+        if self._complete:
+            self._after_response()
             return
         self.received_any = True
         raw_left = self._raw_left
@@ -96,7 +151,7 @@ class UpstreamConnection(asyncio.Protocol):
                 # does); the excess cannot be framed, so the connection is not reused.
                 data = data[:raw_left]
                 size = raw_left
-                self._keep_alive = False
+                self._after_response()
             self._raw_left = raw_left - size
             sink = self._sink
             if sink is None:
@@ -119,14 +174,33 @@ class UpstreamConnection(asyncio.Protocol):
                 self._sink_paused = True
                 self._wake_splice()
             return
+        in_head = self._head is None
         try:
             self._parser.feed_data(data)  # type: ignore[union-attr]
         except httptools.HttpParserUpgrade:
-            self._fail(UpstreamProtocolError("backend switched protocols unexpectedly"))
+            if self._complete:
+                self._after_response()
+            else:
+                self._fail(UpstreamInvalidResponse("backend switched protocols unexpectedly"))
             return
         except httptools.HttpParserError as exc:
-            self._fail(UpstreamProtocolError(f"invalid HTTP from backend: {exc}"))
+            cause = exc.__context__
+            if isinstance(cause, UpstreamInvalidResponse):
+                self._fail(cause)
+            elif self._complete:
+                # _StopParsing, or llhttp refusing bytes after a `Connection: close`
+                # response: either way the response is whole and nothing follows it.
+                self._after_response()
+            else:
+                self._fail(UpstreamInvalidResponse(f"invalid HTTP from backend: {exc}"))
             return
+        if in_head and self._head is None:
+            # Still no final head: bound what the parser holds before it is complete.
+            self._head_bytes += len(data)
+            if self._head_bytes > self._limits.max_head_size:
+                self._fail(UpstreamInvalidResponse(
+                    "response head over max_response_header_size"))
+                return
         if self._raw_length >= 0 and not self._complete:
             self._raw_left = self._raw_length - self._body_seen
             self._raw_length = -1
@@ -167,17 +241,34 @@ class UpstreamConnection(asyncio.Protocol):
     # on_header is bound per exchange to the ResponseHeaderFilter's add() (see
     # _new_fields), so each header costs one call and no second pass.
 
+    def on_message_begin(self) -> None:
+        if self._complete:
+            raise _StopParsing  # a second response: never merged into the first
+
     def on_headers_complete(self) -> None:
         parser = self._parser
         assert parser is not None
         status = parser.get_status_code()
-        if 100 <= status < 200:
-            # Interim responses (100 Continue, 103 Early Hints) are consumed here.
-            self._interim = True
-            self._fields.__init__()  # type: ignore[misc]  # same object: the parser holds its add()
-            self._reason = b""
-            return
         fields = self._fields
+        self._head_size += len(self._reason) + fields.size + 15
+        limits = self._limits
+        if self._head_size > limits.max_head_size:
+            raise UpstreamInvalidResponse("response head over max_response_header_size")
+        if fields.count > limits.max_headers:
+            raise UpstreamInvalidResponse("response head over max_response_headers")
+        if status == 101:
+            raise UpstreamInvalidResponse("backend switched protocols unexpectedly")
+        if 100 <= status < 200:
+            # Interim responses (100 Continue, 103 Early Hints) are queued for the
+            # exchange to relay; the response-header deadline keeps running.
+            self._interim = True
+            self._interims.append(InterimHead(status, self._reason, fields.block()))
+            fields.__init__()  # type: ignore[misc]  # same object: the parser holds its add()
+            self._reason = b""
+            waiter = self._head_waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+            return
         self._head = ResponseHead(status, self._reason, fields)
         self._keep_alive = parser.should_keep_alive()
         if self._is_head or status in (204, 304):
@@ -195,7 +286,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         if self._complete:
-            return  # a body after HEAD/204/304 is ignored, and the connection dropped
+            # Bytes after a HEAD/204/304 head (or past the body): not this response's.
+            raise _StopParsing
         self._chunks.append(body)
         self._body_seen += len(body)
         self._buffered += len(body)
@@ -227,6 +319,10 @@ class UpstreamConnection(asyncio.Protocol):
         self._interim = False
         self._reason = b""
         self._head = None
+        self._interims.clear()
+        self._head_bytes = 0
+        self._head_size = 0
+        self._discarding = False
         self._chunks.clear()
         self._buffered = 0
         self._body_seen = 0
@@ -261,13 +357,16 @@ class UpstreamConnection(asyncio.Protocol):
     def head_received(self) -> bool:
         return self._head is not None
 
-    async def read_head(self) -> ResponseHead:
-        if self._head is None and self._error is None:
+    async def read_head(self) -> ResponseHead | InterimHead:
+        """The next head: interim 1xx heads in order, then the final one."""
+        if not self._interims and self._head is None and self._error is None:
             self._head_waiter = self._loop.create_future()
             try:
                 await self._head_waiter
             finally:
                 self._head_waiter = None
+        if self._interims:
+            return self._interims.popleft()
         if self._error is not None:
             raise self._error
         assert self._head is not None
@@ -301,7 +400,7 @@ class UpstreamConnection(asyncio.Protocol):
                 self._body_waiter = None
         chunk = self._chunks.popleft()
         self._buffered -= len(chunk)
-        if self._reading_paused and self._buffered < _LOW_WATER:
+        if self._reading_paused and self._buffered < _LOW_WATER and not self._complete:
             self._reading_paused = False
             self.transport.resume_reading()  # type: ignore[union-attr]
         return chunk
@@ -385,7 +484,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._sink = None
         return (
             self._complete and self._keep_alive and self._request_sent
-            and self._error is None and not self.closed and not self._chunks
+            and not self._discarding and self._error is None and not self.closed
+            and not self._chunks
         )
 
     def close(self) -> None:
@@ -398,6 +498,20 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = True
 
     # -- internals --------------------------------------------------------------------
+
+    def _after_response(self) -> None:
+        """Bytes followed the complete response: it stands as received, but the
+        connection is read no further and never reused."""
+        self._keep_alive = False
+        if not self._discarding:
+            self._discarding = True
+            if self.transport is not None and not self.closed:
+                self.transport.pause_reading()
+            self._report("bytes after the end of a response")
+
+    def _report(self, what: str) -> None:
+        if self._on_violation is not None:
+            self._on_violation(what)
 
     def _new_fields(self) -> None:
         # httptools looks on_header up once, when the parser is made.

@@ -9,12 +9,15 @@ Idle connections older than `idle_timeout` are closed by a sweeper.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 
 from proxy.errors import UpstreamConnectError
-from proxy.upstream.connection import UpstreamConnection
+from proxy.upstream.connection import ResponseLimits, UpstreamConnection
 
 __all__ = ["BackendPool"]
+
+log = logging.getLogger("bascule.upstream")
 
 _RCVBUF = 512 * 1024
 
@@ -22,7 +25,7 @@ _RCVBUF = 512 * 1024
 class BackendPool:
     def __init__(
         self, host: str, port: int, *, max_idle: int, idle_timeout: float,
-        connect_timeout: float,
+        connect_timeout: float, limits: ResponseLimits | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -30,6 +33,8 @@ class BackendPool:
         self.idle_timeout = idle_timeout
         self.connect_timeout = connect_timeout
         self._idle: list[UpstreamConnection] = []
+        self.limits = limits or ResponseLimits()
+        self._reported = False
         # Kept rather than looked up: asyncio.get_running_loop() costs a getpid()
         # syscall per call on Python 3.11, which shows on the hot path.
         self._loop = asyncio.get_running_loop()
@@ -51,7 +56,8 @@ class BackendPool:
         try:
             async with asyncio.timeout(self.connect_timeout):
                 _, conn = await loop.create_connection(
-                    lambda: UpstreamConnection(loop), self.host, self.port
+                    lambda: UpstreamConnection(loop, self.limits, self._report),
+                    self.host, self.port
                 )
         except TimeoutError:
             raise UpstreamConnectError(
@@ -67,6 +73,14 @@ class BackendPool:
             # socket allows: a third of the syscalls for large bodies.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RCVBUF)
         return conn
+
+    def _report(self, what: str) -> None:
+        """A framing violation (bytes after a response, or on an idle connection):
+        logged once per backend and worker, so a broken backend cannot flood the log."""
+        if not self._reported:
+            self._reported = True
+            log.warning("backend %s:%s sent %s; its connections are closed instead of "
+                        "reused (logged once)", self.host, self.port, what)
 
     def release(self, conn: UpstreamConnection, reusable: bool) -> None:
         if reusable and len(self._idle) < self.max_idle and not conn.closed:
