@@ -16,7 +16,7 @@ from proxy.config import Config, ServerConfig, TimeoutsConfig, UpstreamConfig
 from proxy.discovery.manager import ConsulDiscovery
 from proxy.errors import ConfigError, ConfigProblem
 from proxy.hashkey import HashKeySource
-from proxy.headers import IPNetwork
+from proxy.headers import HeaderPolicy, IPNetwork
 from proxy.health import HealthMonitor
 from proxy.loader import PLUGIN_GROUP, STRATEGY_GROUP, load
 from proxy.models import Backend, BackendSet
@@ -88,6 +88,7 @@ class Runtime:
     file: str = ""
     config_hash: str = ""
     loaded_at: float = 0.0
+    header_policy: HeaderPolicy = field(default_factory=HeaderPolicy)
     ws_session: Any = None  # aiohttp.ClientSession, made on the first WebSocket
     loop: Any = None  # the worker's event loop, set when serving starts
     active: int = 0  # requests being handled on this runtime (a reload waits for 0)
@@ -256,7 +257,8 @@ def build_runtime(config: Config, file: str) -> Runtime:
             name=r.name or f"routes[{i}]", upstream=r.upstream, host=r.host,
             path_prefix=r.path_prefix, strip_prefix=r.strip_prefix,
             pass_host=r.pass_host, websocket=r.websocket, access_log=r.access_log,
-            plugins=tuple(r.plugins),
+            plugins=tuple(r.plugins), normalise_path=r.normalise_path,
+            buffer_requests=r.buffer_requests,
         )
         for i, r in enumerate(config.routes)
     ])
@@ -280,6 +282,9 @@ def build_runtime(config: Config, file: str) -> Runtime:
         trusted=config.server.trusted_networks(), file=file,
         config_hash=hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:16],
         loaded_at=time.time(),
+        header_policy=HeaderPolicy(forwarded=config.server.forwarded,
+                                   x_real_ip=config.server.x_real_ip,
+                                   underscores=config.server.underscores_in_headers),
     )
 
 

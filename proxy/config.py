@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from proxy.errors import ConfigError, ConfigProblem
+from proxy.pathnorm import readings
 from proxy.units import parse_duration, parse_size
 
 __all__ = [
@@ -78,12 +79,20 @@ class ServerConfig(_Strict):
     uvloop: bool = True
     graceful_timeout: Duration = 30.0
     keepalive_timeout: Duration = 75.0
-    request_header_timeout: Duration = 10.0
+    request_header_timeout: Duration = 5.0
     body_idle_timeout: Duration = 30.0
     max_body_size: Size = 100 * 1024**2
-    max_header_size: Size = 32 * 1024
+    max_request_line: Size = 8 * 1024  # over it: 414
+    max_field_size: Size = 8 * 1024  # one field line; over it: 431
+    max_header_size: Size = 32 * 1024  # the whole head; over it: 431
     max_headers: int = Field(default=100, ge=1, le=10_000)
+    # Client connections per worker; at the cap a new connection replaces the one
+    # idle longest (nginx's reusable connections), or is closed when none is idle.
+    max_connections: int = Field(default=4096, ge=1, le=1_000_000)
     trusted_proxies: list[str] = Field(default_factory=list)
+    forwarded: bool = False  # add an RFC 7239 Forwarded field
+    x_real_ip: bool = False  # add X-Real-IP
+    underscores_in_headers: bool = False  # pass field names with "_" (nginx: off)
     access_log: str = "stdout"
     access_log_format: Literal["json", "combined"] = "json"
     request_id: bool = True
@@ -125,11 +134,11 @@ class ServerConfig(_Strict):
                 raise ValueError(f"{item!r} is not an IP address or CIDR") from None
         return value
 
-    @field_validator("max_header_size")
+    @field_validator("max_header_size", "max_request_line", "max_field_size")
     @classmethod
     def _header_size(cls, value: int) -> int:
-        if value < 1024:
-            raise ValueError("must be at least 1KiB")
+        if not 1024 <= value <= 1024**2:
+            raise ValueError("must be between 1KiB and 1MiB")
         return value
 
     def worker_count(self) -> int:
@@ -144,6 +153,8 @@ class AdminConfig(_Strict):
     metrics: bool = True
     max_backend_series: int = Field(default=1000, ge=1, le=1_000_000)
     token_file: str | None = None
+    # Off loopback, /status and /metrics need the token too (when one is set).
+    protect_reads: bool = True
 
     @field_validator("token_file")
     @classmethod
@@ -170,6 +181,10 @@ class RouteConfig(_Strict):
     access_log: bool = True
     plugins: list[str] = Field(default_factory=list)  # names from [[plugins]], outermost first
     cache: bool = False  # the [cache] plugin, innermost (after the route's own plugins)
+    normalise_path: bool = False  # forward the normalised path, not the client's bytes
+    # Request bodies up to this size are read whole before a backend is chosen, so a
+    # slow client holds no backend connection; larger ones stream. 0: always stream.
+    buffer_requests: Size = 64 * 1024
 
     @field_validator("host")
     @classmethod
@@ -188,6 +203,13 @@ class RouteConfig(_Strict):
     def _prefix(cls, value: str) -> str:
         if not value.startswith("/"):
             raise ValueError(f'must start with "/", got {value!r}')
+        if "?" in value or "#" in value:
+            raise ValueError(f"must be a path without query or fragment, got {value!r}")
+        views = readings(value)
+        if views != (value,):
+            # Requests are matched normalised: a prefix that is not could never match.
+            raise ValueError(f"must be a normalised path (no dot segments, //, \\, ; or "
+                             f"percent-encoding), got {value!r}")
         return value
 
 

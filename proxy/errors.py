@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = [
+    "AmbiguousPath",
+    "BadRequestBody",
     "BasculeError",
     "BodyTooLarge",
     "ClientBodyTimeout",
@@ -31,6 +33,14 @@ class BasculeError(Exception):
 class NoRouteError(BasculeError):
     status = 404
     public_message = "no route for this request"
+
+
+class AmbiguousPath(BasculeError):
+    """Readings of the request path that backends may apply route differently
+    (proxy/pathnorm.py): refused rather than guessed."""
+
+    status = 400
+    public_message = "ambiguous request path"
 
 
 class NoBackendError(BasculeError):
@@ -68,6 +78,13 @@ class BodyTooLarge(BasculeError):
 class ClientBodyTimeout(BasculeError):
     status = 408
     public_message = "request body timed out"
+
+
+class BadRequestBody(BasculeError):
+    """The request body broke off or its chunked framing is invalid."""
+
+    status = 400
+    public_message = "bad request body"
 
 
 class ClientGone(BasculeError):

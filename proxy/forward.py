@@ -15,6 +15,7 @@ import time
 from typing import Any, Final
 
 from aiohttp import web
+from aiohttp.http import HttpVersion
 from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 from yarl import URL
@@ -22,6 +23,8 @@ from yarl import URL
 from proxy.accesslog import AccessLog, AccessRecord
 from proxy.app import Runtime, Upstream
 from proxy.errors import (
+    AmbiguousPath,
+    BadRequestBody,
     BasculeError,
     BodyTooLarge,
     ClientBodyTimeout,
@@ -37,6 +40,7 @@ from proxy.errors import (
 from proxy.headers import build_request_head, is_trusted
 from proxy.metrics import Metrics
 from proxy.models import Backend
+from proxy.pathnorm import normal_form
 from proxy.plugin import Handler, Plugin, ProxyRequest, ProxyResponse
 from proxy.response import CompleteResponse, ProxiedResponse, plain_answer
 from proxy.routing import Route, normalise_host, strip_path_prefix
@@ -50,6 +54,7 @@ __all__ = ["Forwarder", "Outcome", "error_response"]
 log = logging.getLogger("bascule.forward")
 
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+_HTTP10: Final = HttpVersion(1, 0)
 _NO_BODY_STATUS: Final = frozenset({204, 304})
 # Quick answers up to this size go out in one transport write (CompleteResponse).
 _COMPLETE_WRITE_MAX: Final = 1024 * 1024
@@ -202,6 +207,8 @@ class Forwarder:
         finally:
             runtime.active -= 1
             duration = loop.time() - started
+            # for max_connections: how long the connection has been idle
+            request.protocol.idle_since = started + duration  # type: ignore[attr-defined]
             route = outcome.route
             message = request._message
             if self.metrics.enabled:
@@ -221,31 +228,47 @@ class Forwarder:
         # The parsed message (aiohttp's RawRequestMessage) is read directly: the
         # request's convenience properties re-derive the same values per access.
         message = request._message
+        if message.version < _HTTP10:
+            # HTTP/0.9 has no head: nothing to route or forward unambiguously (HAProxy: 400).
+            return error_response(400, "HTTP/0.9 is not supported", close=True)
         target = message.path
         headers = message.headers
         host_header = headers.get("Host", "")
+        authority = b""
         if not target.startswith("/"):
             if target == "*":
-                path_for_match = "/"
+                path = "/"
             else:
-                # absolute-form (RFC 9112 §3.2.2): the target's authority replaces Host.
+                # absolute-form (RFC 9112 §3.2.2): the target's authority replaces
+                # Host, for routing and for what the backend receives (as nginx does).
                 try:
                     url = URL(target, encoded=True)
                 except ValueError:
                     return error_response(400, "bad request target", close=True)
-                if not url.absolute or not url.raw_host:
+                if (not url.absolute or not url.raw_host
+                        or url.scheme not in ("http", "https")):
                     return error_response(400, "bad request target", close=True)
                 host_header = url.raw_authority
+                authority = host_header.encode("ascii", "surrogateescape")
                 target = url.raw_path_qs or "/"
-                path_for_match = target
+                path = target.partition("?")[0]
         else:
-            path_for_match = target
-        route = runtime.routes.match(normalise_host(host_header), path_for_match)
+            path = target.partition("?")[0]
+        try:
+            route = runtime.routes.match(normalise_host(host_header), path)
+        except AmbiguousPath:
+            return error_response(AmbiguousPath.status, AmbiguousPath.public_message)
         if route is None:
             return error_response(NoRouteError.status, NoRouteError.public_message)
         upstream = runtime.upstreams[route.upstream]
         outcome.route = route
         outcome.upstream = upstream.name
+        if route.normalise_path or (route.strip_prefix
+                                    and not path.startswith(route.path_prefix)):
+            # The route matched a normalised reading: forward the normal form (a
+            # prefix cannot be stripped from bytes that do not spell it).
+            query = target[len(path):]
+            target = normal_form(path) + query
 
         quick = runtime.quick.get(route.name) if runtime.quick else None
         memo: dict[str, Any] | None = None
@@ -254,7 +277,7 @@ class Forwarder:
             quick_target = (strip_path_prefix(target, route.path_prefix)
                             if route.strip_prefix and route.path_prefix != "/" else target)
             answer_now, fetch = quick
-            host = headers.get("Host", "")
+            host = host_header
             answer = answer_now(message.method, host, quick_target, headers, route.name)
             if answer is None and fetch is not None:
                 memo = {}
@@ -285,6 +308,29 @@ class Forwarder:
             framing = b""
             has_body = False
 
+        body: list[bytes] | None = None
+        body_done = continue_sent = False
+        limit = route.buffer_requests
+        if has_body and limit and (chunked or (length is not None and length <= limit)):
+            # Read a small body before choosing a backend: a client trickling it then
+            # holds no backend connection (nginx buffers every body).
+            if (request.version >= (1, 1)
+                    and headers.get("Expect", "").lower() == "100-continue"):
+                continue_sent = True
+                await request.writer.write(_CONTINUE)
+            try:
+                body, body_done = await _read_body(request, limit, max_body,
+                                                   server.body_idle_timeout)
+            except BasculeError as exc:
+                return error_response(exc.status, exc.public_message, close=True)
+            if body_done:
+                size = sum(map(len, body))
+                outcome.bytes_in = size
+                if chunked:  # whole now: sent with a length, as nginx does
+                    chunked = False
+                    framing = b"Content-Length: %d\r\n" % size
+                    has_body = size > 0
+
         if route.strip_prefix and route.path_prefix != "/":
             target = strip_path_prefix(target, route.path_prefix)
         peer = request.protocol.peer  # type: ignore[attr-defined]
@@ -300,6 +346,8 @@ class Forwarder:
             trusted_peer=is_trusted(peer, runtime.trusted),
             framing=framing,
             request_id=request_id,
+            authority=authority,
+            policy=runtime.header_policy,
         )
         if head_size > server.max_header_size:
             return error_response(431, "request header fields too large", close=True)
@@ -327,9 +375,11 @@ class Forwarder:
                                for k, v in preq.headers.items()]
                         rest, host, _ = build_request_head(
                             raw, peer=peer, trusted_peer=trusted, framing=framing,
-                            request_id=request_id)
+                            request_id=request_id, authority=authority,
+                            policy=runtime.header_policy)
                     exchange = _Exchange(request, route, upstream, runtime, line, rest, host,
-                                         has_body, chunked, hash_key, self.metrics, outcome)
+                                         has_body, chunked, hash_key, self.metrics, outcome,
+                                         body, body_done, continue_sent)
                     return await exchange.run_to_proxy_response()
 
                 handler: Handler = terminal
@@ -341,7 +391,7 @@ class Forwarder:
                                                         outcome)
             exchange = _Exchange(request, route, upstream, runtime, request_line, head_rest,
                                  client_host, has_body, chunked, hash_key, self.metrics,
-                                 outcome)
+                                 outcome, body, body_done, continue_sent)
             return await exchange.run()
         except NoBackendError:
             reason = runtime.unavailable_reason(upstream.name)
@@ -350,6 +400,30 @@ class Forwarder:
         except BasculeError as exc:
             return error_response(exc.status, exc.public_message,
                                   close=exc.status in (408, 413))
+
+
+async def _read_body(request: web.BaseRequest, limit: int, max_body: int,
+                     idle: float) -> tuple[list[bytes], bool]:
+    """Up to `limit` bytes of the request body (a little more: whole reads), and
+    whether that was all of it."""
+    content = request.content
+    chunks: list[bytes] = []
+    total = 0
+    try:
+        while total <= limit:
+            async with asyncio.timeout(idle or None):
+                chunk = await content.readany()
+            if not chunk:
+                return chunks, True
+            total += len(chunk)
+            if max_body and total > max_body:
+                raise BodyTooLarge("body over max_body_size")
+            chunks.append(chunk)
+    except TimeoutError:
+        raise ClientBodyTimeout("client body idle timeout") from None
+    except (HttpProcessingError, ConnectionError, OSError) as exc:
+        raise BadRequestBody(f"client body: {exc}") from None
+    return chunks, False
 
 
 async def _call_plugin(plugin: Plugin, call_next: Handler,
@@ -407,6 +481,8 @@ class _Exchange:
         self, request: web.BaseRequest, route: Route, upstream: Upstream, runtime: Runtime,
         request_line: bytes, head_rest: bytes, client_host: bytes, has_body: bool,
         chunked: bool, hash_key: str | None, metrics: Metrics, outcome: Outcome,
+        body: list[bytes] | None = None, body_done: bool = False,
+        continue_sent: bool = False,
     ) -> None:
         self.hash_key = hash_key
         self.metrics = metrics
@@ -424,9 +500,11 @@ class _Exchange:
         self.pool: BackendPool | None = None
         self.conn: UpstreamConnection | None = None
         # Request body kept for a retry while it is within retry.retry_body_limit
-        self.body_copy: list[bytes] | None = [] if has_body else None
-        self.body_complete = False
-        self.continue_sent = False
+        # (read before the backend was chosen when the route buffers requests)
+        self.body_copy: list[bytes] | None = body if body is not None else (
+            [] if has_body else None)
+        self.body_complete = body_done
+        self.continue_sent = continue_sent
 
     async def run(self) -> web.StreamResponse:
         started = self.runtime.loop.time()
@@ -619,11 +697,17 @@ class _Exchange:
             timeouts.response_header)
         host = self.client_host if self.route.pass_host and self.client_host else (
             backend.address.encode("ascii"))
-        conn.begin(self.request_line + b"Host: " + host + b"\r\n" + self.head_rest,
-                   is_head=self.request.method == "HEAD")
+        out = self.request_line + b"Host: " + host + b"\r\n" + self.head_rest
+        kept = self.body_copy
+        whole = self.body_complete and not self.chunked and kept is not None
+        if whole and kept:
+            # A body read whole (buffered, or kept for this retry) goes in the
+            # head's write: one syscall.
+            out = b"".join((out, *kept))
+        conn.begin(out, is_head=self.request.method == "HEAD")
         if timeouts.total:
             conn.arm_total(timeouts.total)
-        if not self.has_body:
+        if not self.has_body or whole:
             conn.request_sent()
             conn.arm_timer(head_timeout, "response header")
             return await self._final_head(conn)

@@ -7,16 +7,28 @@ Proxy-Authorization) are removed before forwarding. Only *then* are the
 X-Forwarded-* and Via fields added, so `Connection: X-Forwarded-For` cannot delete
 what the proxy adds. Message framing (Content-Length / Transfer-Encoding) and Host
 are always rebuilt by the proxy, never taken from a Connection-nominated list.
+
+Fields that claim something about the client or the original request — who it is
+(`X-Real-IP`, `Forwarded`, `True-Client-IP`, …), which URL it asked for
+(`X-Original-URL`, `X-Rewrite-URL`, `X-Forwarded-Prefix`, …) or how it came
+(`X-Forwarded-Scheme`, `X-Forwarded-Port`, …) — are only believed from a peer in
+`trusted_proxies`; from anyone else they are removed (`CLIENT_ASSERTED`), because
+backends and frameworks act on them and a cache does not key on them (poisoning).
+Field names with an underscore are dropped unless `underscores_in_headers` is on
+(nginx's default): `X_Forwarded_For` is `X-Forwarded-For` to CGI-style backends.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 
 __all__ = [
+    "CLIENT_ASSERTED",
     "HOP_BY_HOP",
+    "HeaderPolicy",
     "IPNetwork",
     "ResponseHeaderFilter",
     "build_request_head",
@@ -35,7 +47,19 @@ HOP_BY_HOP = frozenset({
 # 100-continue itself, like nginx, so the backend never waits for it).
 _REBUILT = frozenset({b"content-length", b"host", b"expect"})
 _FORWARDED = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
+# Believed only from trusted_proxies (see the module docstring); the README lists them.
+CLIENT_ASSERTED = frozenset({
+    b"forwarded", b"x-real-ip", b"x-client-ip", b"x-cluster-client-ip", b"true-client-ip",
+    b"x-original-forwarded-for", b"x-original-url", b"x-rewrite-url", b"x-original-uri",
+    b"x-forwarded-uri", b"x-forwarded-prefix", b"x-forwarded-path", b"x-forwarded-scheme",
+    b"x-forwarded-port", b"x-forwarded-server", b"x-forwarded-ssl", b"x-url-scheme",
+    b"x-original-host", b"x-host", b"front-end-https",
+})
 _DROP_REQUEST = HOP_BY_HOP | _REBUILT | _FORWARDED | {b"via"}
+_DROP_UNTRUSTED = _DROP_REQUEST | CLIENT_ASSERTED
+# Rebuilt by us when enabled, even from trusted peers (a trusted peer's value is kept
+# in them: Forwarded is extended, X-Real-IP passed on).
+_DROP_TRUSTED = _DROP_REQUEST | {b"forwarded", b"x-real-ip"}
 _DROP_RESPONSE = HOP_BY_HOP | {b"via", b"content-length"}
 _VIA = b"1.1 bascule"
 
@@ -64,6 +88,29 @@ def is_trusted(peer: str | None, networks: Sequence[IPNetwork]) -> bool:
     return ip is not None and any(ip in net for net in networks)
 
 
+@dataclass(frozen=True, slots=True)
+class HeaderPolicy:
+    """What the proxy adds and tolerates in forwarded requests (from [server])."""
+
+    forwarded: bool = False  # add RFC 7239 Forwarded
+    x_real_ip: bool = False  # add X-Real-IP
+    underscores: bool = False  # pass field names with "_"
+
+
+_DEFAULT_POLICY = HeaderPolicy()
+_TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"
+                   b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def _forwarded_value(value: bytes) -> bytes:
+    """RFC 7239 §4: a token, or a quoted-string (IPv6 in brackets, host:port)."""
+    if value and all(c in _TOKEN for c in value):
+        return value
+    if b":" in value and not value.startswith(b"[") and value.count(b":") > 1:
+        value = b"[" + value + b"]"  # an IPv6 address (§6)
+    return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+
+
 def build_request_head(
     raw_headers: Sequence[tuple[bytes, bytes]],
     *,
@@ -72,22 +119,29 @@ def build_request_head(
     proto: bytes = b"http",
     framing: bytes = b"",
     request_id: bytes = b"",
+    authority: bytes = b"",
+    policy: HeaderPolicy = _DEFAULT_POLICY,
 ) -> tuple[bytes, bytes, int]:
-    """The forwarded header block (without request line and Host), the client's
-    Host value and the size of the client's header block. `framing` is the
+    """The forwarded header block (without request line and Host), the Host value
+    to forward and the size of the client's header block. `framing` is the
     Content-Length/Transfer-Encoding line to send; a non-empty `request_id` replaces
-    any X-Request-Id the client sent."""
+    any X-Request-Id the client sent; a non-empty `authority` (absolute-form target)
+    replaces the client's Host (RFC 9112 §3.2.2)."""
     kept: list[tuple[bytes, bytes]] = []
     nominated: set[bytes] | None = None
     host = b""
     client_xff = client_proto = client_xfh = b""
+    client_forwarded = client_real_ip = b""
     via = b""
     size = 0
+    drop = _DROP_TRUSTED if trusted_peer else _DROP_UNTRUSTED
+    underscores = policy.underscores
     for name, value in raw_headers:
         size += len(name) + len(value) + 4
         lname = name.lower()
-        if lname not in _DROP_REQUEST:
-            if not (request_id and lname == b"x-request-id"):
+        if lname not in drop:
+            if not (request_id and lname == b"x-request-id") and (
+                    underscores or b"_" not in lname):
                 kept.append((lname, name + b": " + value + b"\r\n"))
         elif lname == b"host":
             host = value
@@ -95,14 +149,22 @@ def build_request_head(
             if nominated is None:
                 nominated = set()
             nominated.update(t.strip().lower() for t in value.split(b","))
+        elif lname == b"via":
+            via = via + b", " + value if via else value
+        elif not trusted_peer:
+            continue  # the client's own claims: dropped
         elif lname == b"x-forwarded-for":
             client_xff = client_xff + b", " + value if client_xff else value
         elif lname == b"x-forwarded-proto":
             client_proto = value
         elif lname == b"x-forwarded-host":
             client_xfh = value
-        elif lname == b"via":
-            via = via + b", " + value if via else value
+        elif lname == b"forwarded":
+            client_forwarded = client_forwarded + b", " + value if client_forwarded else value
+        elif lname == b"x-real-ip":
+            client_real_ip = value
+    if authority:
+        host = authority
     if nominated:
         lines = [line for lname, line in kept if lname not in nominated]
         # A client may nominate its own forwarding fields; they are then not trusted.
@@ -114,18 +176,31 @@ def build_request_head(
             client_xfh = b""
         if b"via" in nominated:
             via = b""
+        if b"forwarded" in nominated:
+            client_forwarded = b""
+        if b"x-real-ip" in nominated:
+            client_real_ip = b""
     else:
         lines = [line for _, line in kept]
     peer_b = peer.encode("ascii", "replace")
-    xff = client_xff + b", " + peer_b if trusted_peer and client_xff else peer_b
-    if not trusted_peer or not client_proto:
+    xff = client_xff + b", " + peer_b if client_xff else peer_b
+    if not client_proto:
         client_proto = proto
-    if not trusted_peer or not client_xfh:
+    if not client_xfh:
         client_xfh = host
     lines.append(b"X-Forwarded-For: " + xff + b"\r\n")
     lines.append(b"X-Forwarded-Proto: " + client_proto + b"\r\n")
     if client_xfh:
         lines.append(b"X-Forwarded-Host: " + client_xfh + b"\r\n")
+    if policy.forwarded:
+        element = b"for=" + _forwarded_value(peer_b)
+        if host:
+            element += b";host=" + _forwarded_value(host)
+        element += b";proto=" + proto
+        lines.append(b"Forwarded: " + (client_forwarded + b", " + element
+                                       if client_forwarded else element) + b"\r\n")
+    if policy.x_real_ip:
+        lines.append(b"X-Real-IP: " + (client_real_ip or peer_b) + b"\r\n")
     lines.append(b"Via: " + (via + b", " + _VIA if via else _VIA) + b"\r\n")
     if request_id:
         lines.append(b"X-Request-Id: " + request_id + b"\r\n")

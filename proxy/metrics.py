@@ -154,6 +154,10 @@ class Metrics:
             "bascule_backend_invalid_responses_total", "Responses refused (502) as "
             "malformed or over the upstream's response head limits.",
             ["upstream", "backend"], registry=r)
+        self.connections_shed = Counter(
+            "bascule_connections_shed_total", "Client connections closed at "
+            "server.max_connections: an idle one evicted for a new one, or the new one "
+            "refused when none was idle.", ["action"], registry=r)
         self.retries = Counter(
             "bascule_retries_total", "Requests sent again to another backend or "
             "connection.", ["upstream"], registry=r)
@@ -261,6 +265,10 @@ class Metrics:
             self._backend_ids.add(backend_id)
             return backend_id
         return OTHER
+
+    def record_shed(self, action: str) -> None:
+        if self.enabled:
+            self.connections_shed.labels(action).inc()
 
     def record_budget_exhausted(self, upstream: str) -> None:
         self._budget_exhausted[upstream] = self._budget_exhausted.get(upstream, 0) + 1

@@ -4,6 +4,12 @@ Host matching: an exact host beats the most specific `*.suffix` wildcard, which 
 routes without a host. Within the chosen host group the longest `path_prefix` wins
 (a plain string prefix, like nginx `location /api` and Traefik `PathPrefix`); when no
 prefix of a group matches, the next, less specific group is tried.
+
+Paths are matched normalised, never raw: every reading of the path that a backend
+may apply (proxy/pathnorm.py) must pick the same route, or the request is refused
+(`AmbiguousPath`, 400). So `/%61dmin/x`, `/public/../admin/x` and `/./admin/x` all
+reach an `/admin` route, and `//admin/x` or `/public/..%2fadmin/x` are refused.
+Matching is case-sensitive, like nginx on Linux.
 """
 
 from __future__ import annotations
@@ -11,6 +17,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+
+from proxy.errors import AmbiguousPath
+from proxy.pathnorm import needs_normalising, readings
 
 __all__ = ["Route", "RouteTable", "normalise_host", "strip_path_prefix"]
 
@@ -26,6 +35,8 @@ class Route:
     websocket: bool = True
     access_log: bool = True
     plugins: tuple[str, ...] = ()
+    normalise_path: bool = False  # forward the normal form instead of the client's bytes
+    buffer_requests: int = 64 * 1024  # bodies up to this size are read before forwarding
 
 
 @lru_cache(maxsize=1024)
@@ -70,7 +81,19 @@ class RouteTable:
             group.sort(key=lambda r: -len(r.path_prefix))
 
     def match(self, host: str, path: str) -> Route | None:
-        """`host` already normalised; `path` is the raw request-target."""
+        """The route for `host` (already normalised) and `path` (the raw path of the
+        request-target, without the query); raises AmbiguousPath when readings of
+        the path disagree."""
+        if not needs_normalising(path):
+            return self._match_one(host, path)
+        views = readings(path)
+        route = self._match_one(host, views[0])
+        for view in views[1:]:
+            if self._match_one(host, view) is not route:
+                raise AmbiguousPath(f"readings of {path!r} route differently")
+        return route
+
+    def _match_one(self, host: str, path: str) -> Route | None:
         group = self._exact.get(host)
         if group is not None:
             route = _longest_prefix(group, path)

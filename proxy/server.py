@@ -1,11 +1,15 @@
 """The aiohttp edge: a low-level aiohttp server whose protocol adds what aiohttp
 lacks for a public listener — a request-header deadline (slowloris) answered with
-408, header-limit errors answered with 431/400 without echoing request bytes — and
-one worker's lifecycle (listen, serve, drain on SIGTERM)."""
+408, head-limit errors answered with 414/431/400 without echoing request bytes, a
+cap on client connections per worker (`max_connections`: at the cap a new
+connection replaces the one idle longest, as nginx reuses its "reusable"
+connections, or is closed when none is idle) — and one worker's lifecycle (listen,
+serve, drain on SIGTERM)."""
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import ipaddress
 import logging
 import os
@@ -22,7 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from proxy import __version__
 from proxy.accesslog import AccessLog
 from proxy.app import Runtime, sweep_forever
-from proxy.config import parse_hostport
+from proxy.config import ServerConfig, parse_hostport
 from proxy.forward import Forwarder
 from proxy.metrics import Metrics, multiprocess_dir_is_set
 from proxy.purge import PurgeBroadcast, PurgeSpec, apply_purge
@@ -54,12 +58,22 @@ class _EdgeProtocol(RequestHandler):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.head_started = 0.0
+        self.idle_since = 0.0  # when the last response ended (or the connection came)
         self.timed_out = False
         self.peer = ""
         self.metrics: Metrics | None = None
 
+    @property
+    def busy(self) -> bool:
+        """A request is being handled or waits in the queue (not evictable)."""
+        return self._request_in_progress or bool(self._messages)
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        self.idle_since = self._loop.time()
+        manager = self._manager
+        if isinstance(manager, BasculeServer):
+            manager.admit(self)
         # Looked up once per connection: aiohttp's request.remote asks the socket
         # (a getpeername() syscall) on every request.
         peername = transport.get_extra_info("peername")
@@ -105,8 +119,14 @@ class _EdgeProtocol(RequestHandler):
         message: str | None = None,
     ) -> web.StreamResponse:
         # Never echo request bytes back (aiohttp's messages quote the bad line).
+        manager = self._manager
         if isinstance(exc, LineTooLong):
-            status, text = 431, "request header fields too large"
+            # aiohttp reports the request line and a field alike; its limit tells
+            # them apart (BasculeServer keeps the two limits distinct).
+            if isinstance(manager, BasculeServer) and exc.args[1] == manager.line_limit:
+                status, text = 414, "request line too long"
+            else:
+                status, text = 431, "request header field too large"
         elif exc is not None and "too many headers" in str(exc).lower():
             status, text = 431, "too many request header fields"
         elif status == 400:
@@ -119,12 +139,48 @@ class _EdgeProtocol(RequestHandler):
         return plain_answer(status, text, close=True)
 
 
+def parser_limits(cfg: ServerConfig) -> dict[str, int]:
+    """aiohttp's parser limits from [server]. The field limit is kept one byte
+    apart from the request-line limit when they are equal, so that handle_error can
+    tell which one a LineTooLong broke (414 vs 431)."""
+    field = cfg.max_field_size
+    if field == cfg.max_request_line:
+        field += 1
+    return {"max_line_size": cfg.max_request_line, "max_field_size": field,
+            "max_headers": cfg.max_headers}
+
+
 class BasculeServer(web.Server):
     def __init__(self, handler: Any, *, header_timeout: float, metrics: Metrics,
-                 **kwargs: Any) -> None:
+                 max_connections: int, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self.header_timeout = header_timeout
         self.metrics = metrics
+        self.max_connections = max_connections
+
+    @property
+    def line_limit(self) -> int:
+        return int(self._kwargs.get("max_line_size", 0))
+
+    def admit(self, proto: _EdgeProtocol) -> None:
+        """Keep the worker within max_connections: a new connection over the cap
+        replaces the idle connection that has waited longest (idle keep-alive, or a
+        head not yet complete, which is how a flood holds connections), or is closed
+        at once when every connection is busy with a request."""
+        connections = self._connections
+        if len(connections) <= self.max_connections:
+            return
+        victim: _EdgeProtocol | None = None
+        for other in connections:
+            if (other is not proto and isinstance(other, _EdgeProtocol) and not other.busy
+                    and (victim is None or other.idle_since < victim.idle_since)):
+                victim = other
+        if victim is not None:
+            self.metrics.record_shed("evicted")
+            victim.force_close()
+        else:
+            self.metrics.record_shed("refused")
+            proto.force_close()
 
     async def enforce_head_deadline(self) -> None:
         """Answer 408 and close connections whose request head is overdue. Checks a
@@ -203,11 +259,10 @@ class Edge:
             self.forwarder.handle,
             header_timeout=cfg.request_header_timeout,
             metrics=self.metrics,
+            max_connections=cfg.max_connections,
             handler_cancellation=True,
             keepalive_timeout=cfg.keepalive_timeout,
-            max_line_size=cfg.max_header_size,
-            max_field_size=cfg.max_header_size,
-            max_headers=cfg.max_headers,
+            **parser_limits(cfg),
             access_log=None,
             auto_decompress=False,
             # After an early answer (413, 408) read what is left of the body only
@@ -269,9 +324,9 @@ class Edge:
         self.forwarder.runtime = new
         cfg = new.server
         self.server.header_timeout = cfg.request_header_timeout
-        self.server._kwargs.update(
-            keepalive_timeout=cfg.keepalive_timeout, max_line_size=cfg.max_header_size,
-            max_field_size=cfg.max_header_size, max_headers=cfg.max_headers)
+        self.server.max_connections = cfg.max_connections
+        self.server._kwargs.update(keepalive_timeout=cfg.keepalive_timeout,
+                                   **parser_limits(cfg))
         self.metrics.config_loaded_now(new.config_hash)
 
     def _file_stamp(self) -> tuple[int, int, int] | None:
@@ -321,10 +376,27 @@ class Edge:
         if self.admin_token is None:
             return web.Response(status=403, text="set admin.token_file to use this "
                                 "endpoint on a non-loopback admin listener\n")
-        if request.headers.get("Authorization", "") != f"Bearer {self.admin_token}":
-            return web.Response(status=401, text="bearer token required\n",
-                                headers={"WWW-Authenticate": "Bearer"})
-        return None
+        return self._check_token(request)
+
+    def _may_read(self, request: web.BaseRequest) -> web.Response | None:
+        """/status and /metrics off loopback: the token too, when one is set and
+        admin.protect_reads is on (a listener without a token stays readable, as
+        Prometheus scrapers expect, but cannot mutate)."""
+        if (self.admin_is_loopback or self.admin_token is None
+                or not self.forwarder.runtime.config.admin.protect_reads):
+            return None
+        return self._check_token(request)
+
+    def _check_token(self, request: web.BaseRequest) -> web.Response | None:
+        # RFC 9110 §11.1: the scheme is case-insensitive; the token is compared in
+        # constant time so its bytes cannot be found by timing.
+        scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
+        expected = self.admin_token or ""
+        if scheme.lower() == "bearer" and hmac.compare_digest(
+                token.strip().encode(), expected.encode()):
+            return None
+        return web.Response(status=401, text="bearer token required\n",
+                            headers={"WWW-Authenticate": "Bearer"})
 
     async def _admin(self, request: web.BaseRequest) -> web.StreamResponse:
         path = request.path
@@ -347,6 +419,10 @@ class Edge:
             if self.draining:
                 return web.Response(status=503, text="draining\n")
             return web.Response(text="ok\n")
+        if path in ("/metrics", "/status"):
+            refusal = self._may_read(request)
+            if refusal is not None:
+                return refusal
         if path == "/metrics":
             if not self.metrics.enabled:
                 return web.Response(status=404, text="metrics are disabled\n")
