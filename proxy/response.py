@@ -139,6 +139,8 @@ class CompleteResponse(web.StreamResponse):
 
 
 _TEXT_PLAIN = b"Content-Type: text/plain; charset=utf-8\r\n"
+# RFC 9110's reason phrases where Python 3.11's HTTPStatus still has RFC 7231's
+_PHRASES = {413: b"Content Too Large", 414: b"URI Too Long", 422: b"Unprocessable Content"}
 
 
 def plain_answer(status: int, message: str, *, close: bool = False,
@@ -146,9 +148,11 @@ def plain_answer(status: int, message: str, *, close: bool = False,
     """Bascule's own answer: `message` as text/plain, an HTTP/1.1 status line, and
     `Connection: close` when `close` (after a framing or size error the rest of the
     connection cannot be trusted). `fields` are extra ready-made header lines."""
-    try:
-        reason = HTTPStatus(status).phrase.encode("ascii")
-    except ValueError:
-        reason = b"Error"
+    reason = _PHRASES.get(status)
+    if reason is None:
+        try:
+            reason = HTTPStatus(status).phrase.encode("ascii")
+        except ValueError:
+            reason = b"Error"
     return CompleteResponse(status, reason, _TEXT_PLAIN + fields,
                             message.encode("utf-8") + b"\n", False, close=close)
