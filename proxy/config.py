@@ -548,6 +548,34 @@ def _cross_check(data: dict[str, Any], file: str) -> list[ConfigProblem]:
     return problems
 
 
+_WILDCARDS = frozenset({"0.0.0.0", "::"})
+
+
+def _listen_problems(config: Config, file: str) -> list[ConfigProblem]:
+    """Admin never shares a port with traffic, and no address is listed twice: an
+    overlap would make the kernel split connections between the two listeners."""
+    problems: list[ConfigProblem] = []
+    seen: dict[tuple[str, int], int] = {}
+    parsed = []
+    for i, address in enumerate(config.server.listen):
+        key = parse_hostport(address, default_host="0.0.0.0")
+        if key in seen:
+            problems.append(ConfigProblem(file, f"server.listen[{i}]",
+                                          f"{address!r} is listed twice"))
+        seen[key] = i
+        parsed.append(key)
+    admin_host, admin_port = parse_hostport(config.admin.listen, default_host="0.0.0.0")
+    for i, (host, port) in enumerate(parsed):
+        if port == admin_port and (host == admin_host or host in _WILDCARDS
+                                   or admin_host in _WILDCARDS):
+            problems.append(ConfigProblem(
+                file, "admin.listen",
+                f"{config.admin.listen!r} overlaps server.listen[{i}] "
+                f"({config.server.listen[i]!r}): the admin listener never shares a port "
+                "with traffic"))
+    return problems
+
+
 def parse_config(data: dict[str, Any], file: str) -> Config:
     """Validate a parsed TOML document; raise ConfigError listing every problem."""
     problems: list[ConfigProblem] = []
@@ -560,6 +588,8 @@ def parse_config(data: dict[str, Any], file: str) -> Config:
             for err in exc.errors()
         ]
     problems += _cross_check(data, file)
+    if config is not None:
+        problems += _listen_problems(config, file)
     if problems or config is None:
         raise ConfigError(problems)
     return config

@@ -28,12 +28,16 @@ from proxy.accesslog import AccessLog
 from proxy.app import Runtime, sweep_forever
 from proxy.config import ServerConfig, parse_hostport
 from proxy.forward import Forwarder
+from proxy.listeners import claim_port, listen_socket
 from proxy.metrics import Metrics, multiprocess_dir_is_set
 from proxy.purge import PurgeBroadcast, PurgeSpec, apply_purge
 from proxy.reload import Reloader
 from proxy.response import plain_answer
 
-__all__ = ["BasculeServer", "Edge", "c_parser_in_use", "listen_socket", "serve_worker"]
+__all__ = ["BasculeServer", "Edge", "c_parser_in_use", "serve_worker"]
+
+PUBLIC_BACKLOG = 1024
+ADMIN_BACKLOG = 128
 
 log = logging.getLogger("bascule.server")
 
@@ -213,21 +217,6 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def listen_socket(address: str) -> socket.socket:
-    """A bound SO_REUSEPORT socket, so every worker process can listen on the port."""
-    host, port = parse_hostport(address, default_host="0.0.0.0")
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    try:
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
 class Edge:
     """One worker's listeners: the public edge, the admin listener, and the
     background duties (idle-pool sweeping, metrics flushing)."""
@@ -274,7 +263,11 @@ class Edge:
         self.admin_listener: asyncio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
-    async def start(self, *, admin: bool = True) -> None:
+    async def start(self, *, admin: bool = True,
+                    sockets: dict[str, socket.socket] | None = None) -> None:
+        """Start serving. `sockets`: listening sockets by address, made by the
+        supervisor before forking; without them (in-process use) each address is
+        claimed here first, so that a port another process listens on is refused."""
         loop = asyncio.get_running_loop()
         runtime = self.runtime
         runtime.loop = loop
@@ -289,12 +282,22 @@ class Edge:
         if runtime.discovery is not None:
             await runtime.discovery.start(self.metrics, register=self.worker_id <= 1,
                                           **self.discovery_args())
+        if sockets is None:
+            addresses = [*runtime.server.listen, *([runtime.config.admin.listen] if admin
+                                                   else [])]
+            claims = [claim_port(address) for address in addresses]
+            try:
+                sockets = {address: listen_socket(address) for address in addresses}
+            finally:
+                for claim in claims:
+                    claim.close()  # the listeners themselves keep the port ours
         for address in runtime.server.listen:
             self.listeners.append(await loop.create_server(
-                self.server, sock=listen_socket(address), backlog=1024))
+                self.server, sock=sockets[address], backlog=PUBLIC_BACKLOG))
         if admin:
             self.admin_listener = await loop.create_server(
-                self.admin, sock=listen_socket(runtime.config.admin.listen), backlog=128)
+                self.admin, sock=sockets[runtime.config.admin.listen],
+                backlog=ADMIN_BACKLOG)
         self._tasks = [
             loop.create_task(sweep_forever(lambda: self.forwarder.runtime)),
             loop.create_task(self._flush_metrics_forever()),
@@ -488,14 +491,15 @@ class Edge:
 
 
 async def serve_worker(runtime: Runtime, worker_id: int,
-                       stop_requested: list[int] | None = None) -> None:
+                       stop_requested: list[int] | None = None,
+                       sockets: dict[str, socket.socket] | None = None) -> None:
     """Serve until SIGTERM/SIGINT, then drain in-flight requests (graceful_timeout).
     `stop_requested` holds signals that arrived before the loop's handlers existed."""
     loop = asyncio.get_running_loop()
     cfg = runtime.server
     edge = Edge(runtime, multiprocess_metrics=multiprocess_dir_is_set(), worker_id=worker_id,
                 supervised=True)
-    await edge.start()
+    await edge.start(sockets=sockets)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)

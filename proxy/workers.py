@@ -1,17 +1,27 @@
 """Process model: a supervisor forks `server.workers` worker processes, each with its
 own event loop and SO_REUSEPORT listener; a worker that dies unexpectedly is logged
 and restarted (with backoff when it keeps crashing). SIGTERM/SIGINT are passed on so
-every worker drains; the supervisor exits 0 once all have stopped."""
+every worker drains; the supervisor exits 0 once all have stopped.
+
+The supervisor claims every listen address before anything else (proxy/listeners.py)
+and makes each worker's listening sockets just before forking it. A worker never
+outlives its supervisor: it asks the kernel for SIGTERM when the supervisor dies
+(PR_SET_PDEATHSIG, Linux), and checks its parent right after, in case the
+supervisor died before the request was made. SIGTERM makes it drain and exit.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import gc
 import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -21,15 +31,41 @@ from prometheus_client.multiprocess import mark_process_dead
 
 from proxy.app import build_runtime
 from proxy.config import Config
+from proxy.listeners import PortInUse, claim_port, listening_socket
 from proxy.purge import PURGE_DIR_ENV
-from proxy.server import listen_socket, serve_worker
+from proxy.server import ADMIN_BACKLOG, PUBLIC_BACKLOG, serve_worker
 
 __all__ = ["run_supervisor"]
 
 log = logging.getLogger("bascule.workers")
 
 
-def _worker_main(config: Config, file: str, worker_id: int) -> int:
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with_parent(parent: int) -> None:
+    """SIGTERM when the supervisor dies (SIGKILL, the OOM killer): a worker left
+    behind would keep serving the port beside the next Bascule."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except OSError:
+        log.warning("could not ask to be stopped with the supervisor (prctl)")
+    if os.getppid() != parent:  # died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _worker_sockets(config: Config) -> dict[str, socket.socket]:
+    sockets = {address: listening_socket(address, PUBLIC_BACKLOG)
+               for address in config.server.listen}
+    sockets[config.admin.listen] = listening_socket(config.admin.listen, ADMIN_BACKLOG)
+    return sockets
+
+
+def _worker_main(config: Config, file: str, worker_id: int,
+                 sockets: dict[str, socket.socket]) -> int:
     # A stop can arrive while the worker is still starting: remember it, and the
     # worker drains (nothing yet) and exits 0 as soon as it is up.
     stop_requested: list[int] = []
@@ -51,7 +87,7 @@ def _worker_main(config: Config, file: str, worker_id: int) -> int:
         gc.freeze()
         gc.set_threshold(50_000, 20, 20)
         with asyncio.Runner(loop_factory=loop_factory) as runner:
-            runner.run(serve_worker(runtime, worker_id, stop_requested))
+            runner.run(serve_worker(runtime, worker_id, stop_requested, sockets))
         return 0
     except Exception:
         log.exception("worker %d failed", worker_id)
@@ -61,25 +97,39 @@ def _worker_main(config: Config, file: str, worker_id: int) -> int:
 def _spawn(config: Config, file: str, worker_id: int) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
+    sockets = _worker_sockets(config)
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:
         code = 1
         try:
-            code = _worker_main(config, file, worker_id)
+            _die_with_parent(parent)
+            code = _worker_main(config, file, worker_id, sockets)
         finally:
             logging.shutdown()
             os._exit(code)
+    for sock in sockets.values():
+        sock.close()  # the worker has them; held here they would queue connections
     log.info("worker %d started (pid %d)", worker_id, pid)
     return pid
 
 
 def run_supervisor(config: Config, file: str) -> int:
-    # Fail fast and clearly if a port is taken, before forking anything.
-    for address in [*config.server.listen, config.admin.listen]:
+    # Fail fast and clearly if a port is taken, before forking anything; the claims
+    # are held until the supervisor exits (proxy/listeners.py).
+    claims: list[socket.socket] = []
+    for address in dict.fromkeys([*config.server.listen, config.admin.listen]):
         try:
-            listen_socket(address).close()
+            claims.append(claim_port(address))
+        except PortInUse as exc:
+            log.error("cannot listen on %s: %s", address, exc.strerror)
+            for claim in claims:
+                claim.close()
+            return 1
         except OSError as exc:
             log.error("cannot listen on %s: %s", address, exc.strerror or exc)
+            for claim in claims:
+                claim.close()
             return 1
 
     # prometheus-client multiprocess mode: every worker writes its own files here and
@@ -92,6 +142,8 @@ def run_supervisor(config: Config, file: str) -> int:
     try:
         return _supervise(config, file, metrics_dir)
     finally:
+        for claim in claims:
+            claim.close()
         shutil.rmtree(metrics_dir, ignore_errors=True)
         shutil.rmtree(purge_dir, ignore_errors=True)
 

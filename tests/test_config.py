@@ -137,3 +137,32 @@ def test_run_with_bad_config_exits_2_naming_problem(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 2
     assert f"{bad}: upstreams.x.backends[0].address: port must be 1-65535" in res.stderr
+
+
+@pytest.mark.parametrize(("server", "admin", "expected"), [
+    (["127.0.0.1:8080"], "127.0.0.1:8080",
+     "f.toml: admin.listen: '127.0.0.1:8080' overlaps server.listen[0] ('127.0.0.1:8080'): "
+     "the admin listener never shares a port with traffic"),
+    (["0.0.0.0:8080"], "127.0.0.1:8080",
+     "f.toml: admin.listen: '127.0.0.1:8080' overlaps server.listen[0] ('0.0.0.0:8080'): "
+     "the admin listener never shares a port with traffic"),
+    (["127.0.0.1:8080", "[::1]:8081"], "[::]:8081",
+     "f.toml: admin.listen: '[::]:8081' overlaps server.listen[1] ('[::1]:8081'): "
+     "the admin listener never shares a port with traffic"),
+    (["127.0.0.1:8080", "127.0.0.1:8080"], "127.0.0.1:9901",
+     "f.toml: server.listen[1]: '127.0.0.1:8080' is listed twice"),
+])
+def test_listen_addresses_never_overlap(server: list[str], admin: str, expected: str) -> None:
+    assert problems({**GOOD, "server": {"listen": server}, "admin": {"listen": admin}}) == [
+        expected]
+
+
+def test_admin_on_another_port_of_the_same_host_is_fine() -> None:
+    assert problems({**GOOD, "server": {"listen": ["0.0.0.0:8080"]},
+                     "admin": {"listen": "127.0.0.1:9901"}}) == []
+
+
+@pytest.mark.parametrize("prefix", ["/a/../b", "/a//b", "/%61pi", "/a;b", "/a\\b"])
+def test_path_prefix_must_be_normalised(prefix: str) -> None:
+    [problem] = problems({**GOOD, "routes": [{"upstream": "api", "path_prefix": prefix}]})
+    assert problem.startswith("f.toml: routes[0].path_prefix: must be a normalised path")

@@ -158,3 +158,65 @@ async def test_demo_balances_over_three_named_backends(
                              "Hostname: backend-9003"]
     proc.send_signal(signal.SIGINT)
     assert await asyncio.to_thread(proc.wait, 15) == 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.parametrize("shared", ["server", "admin"])
+async def test_a_second_bascule_on_the_same_port_refuses_to_start(
+        tmp_path: Path, procs: list[subprocess.Popen[bytes]], shared: str) -> None:
+    """SO_REUSEPORT would let two Bascules split one port's traffic silently; the
+    second is refused with the port named (the first keeps serving alone)."""
+    async def hello(request: web.BaseRequest) -> web.StreamResponse:
+        return web.Response(text="first")
+
+    _, listener = await start_backend(hello)
+    first_dir, second_dir = tmp_path / "a", tmp_path / "b"
+    first_dir.mkdir()
+    second_dir.mkdir()
+    conf, port = write_config(first_dir, [port_of(listener)], "workers = 2")
+    first = run_bascule(conf)
+    procs.append(first)
+    await asyncio.to_thread(wait_port, port)
+    text = conf.read_text()
+    admin = text.split('[admin]\nlisten = "')[1].split('"')[0]
+    other, _ = write_config(second_dir, [port_of(listener)])
+    other_text = other.read_text()
+    other_admin = other_text.split('[admin]\nlisten = "')[1].split('"')[0]
+    other_listen = other_text.split('listen = ["')[1].split('"')[0]
+    if shared == "server":
+        other.write_text(other_text.replace(other_listen, f"127.0.0.1:{port}", 1))
+        taken = f"127.0.0.1:{port}"
+    else:
+        other.write_text(other_text.replace(other_admin, admin, 1))
+        taken = admin
+    res = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "proxy", "run", "-c", str(other)],
+        capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1
+    assert f"cannot listen on {taken}: {taken} is in use by another process" in res.stderr
+    assert first.poll() is None
+    first.send_signal(signal.SIGTERM)
+    await asyncio.to_thread(first.communicate, timeout=15)
+    listener.close()
+
+
+async def test_workers_exit_when_the_supervisor_is_killed(
+        tmp_path: Path, procs: list[subprocess.Popen[bytes]]) -> None:
+    conf, port = write_config(tmp_path, [free_port()], "workers = 2")
+    proc = run_bascule(conf)
+    procs.append(proc)
+    await asyncio.to_thread(wait_port, port)
+    assert await asyncio.to_thread(poll, lambda: len(children_of(proc.pid)) == 2, 10)
+    workers = children_of(proc.pid)
+    proc.kill()  # as the OOM killer would: no chance to stop the workers itself
+    await asyncio.to_thread(proc.wait, 10)
+    assert await asyncio.to_thread(
+        poll, lambda: not any(_alive(pid) for pid in workers), 15), "workers outlived it"
+    assert await asyncio.to_thread(poll, lambda: ports_free(port), 5)
