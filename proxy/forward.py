@@ -288,7 +288,7 @@ class Forwarder:
 
         if (message.upgrade and route.websocket
                 and headers.get("Upgrade", "").lower() == "websocket"):
-            return await tunnel_websocket(request, route, upstream, runtime)
+            return await tunnel_websocket(request, route, upstream, runtime, target, authority)
 
         server = runtime.server
         length_text = headers.get("Content-Length")

@@ -17,6 +17,7 @@ from aiohttp import WSMsgType, web
 from proxy.app import Runtime, Upstream
 from proxy.errors import NoBackendError, UpstreamConnectError
 from proxy.headers import HOP_BY_HOP, build_request_head, is_trusted
+from proxy.response import plain_answer
 from proxy.routing import Route, strip_path_prefix
 from proxy.strategy import RequestContext
 
@@ -42,19 +43,22 @@ def _session(runtime: Runtime) -> aiohttp.ClientSession:
 
 async def tunnel_websocket(
     request: web.BaseRequest, route: Route, upstream: Upstream, runtime: Runtime,
+    target: str, authority: bytes = b"",
 ) -> web.StreamResponse:
+    """`target`: the request-target to forward (normalised if the route says so),
+    `authority`: an absolute-form target's, which replaces Host."""
     ctx = RequestContext()
     try:
         backend = upstream.balancer.lease(ctx)
     except NoBackendError:
-        return web.Response(status=503, text="no backend available\n")
+        return plain_answer(503, "no backend available")
     try:
-        target = request.raw_path
         if route.strip_prefix and route.path_prefix != "/":
             target = strip_path_prefix(target, route.path_prefix)
         peer = request.remote or ""
         block, client_host, _ = build_request_head(
-            request.raw_headers, peer=peer, trusted_peer=is_trusted(peer, runtime.trusted))
+            request.raw_headers, peer=peer, trusted_peer=is_trusted(peer, runtime.trusted),
+            authority=authority, policy=runtime.header_policy)
         headers: dict[str, str] = {}
         for line in block.split(b"\r\n"):
             name, sep, value = line.partition(b": ")
@@ -74,12 +78,12 @@ async def tunnel_websocket(
                     autoping=False, max_msg_size=0, compress=0,
                 )
         except aiohttp.WSServerHandshakeError as exc:
-            return web.Response(status=exc.status if exc.status >= 400 else 502,
-                                text="backend refused the WebSocket handshake\n")
+            return plain_answer(exc.status if exc.status >= 400 else 502,
+                                "backend refused the WebSocket handshake")
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             log.warning("upstream %s websocket to %s: %s", upstream.name, backend.id, exc)
-            return web.Response(status=UpstreamConnectError.status,
-                                text=UpstreamConnectError.public_message + "\n")
+            return plain_answer(UpstreamConnectError.status,
+                                UpstreamConnectError.public_message)
         client_ws = web.WebSocketResponse(
             protocols=[backend_ws.protocol] if backend_ws.protocol else (),
             autoclose=False, autoping=False, max_msg_size=0,

@@ -114,7 +114,28 @@ def _spawn(config: Config, file: str, worker_id: int) -> int:
     return pid
 
 
+def _raise_open_files(config: Config) -> None:
+    """Room for max_connections per worker: a proxied connection takes two file
+    descriptors (client and backend), plus pools, logs and listeners. Past the limit
+    accept() fails and new clients wait in the backlog instead of being shed."""
+    import resource
+
+    want = 2 * config.server.max_connections + 256
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= want:
+        return
+    new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        soft = new
+    if soft < want:
+        log.warning("open-files limit %d is below the %d that server.max_connections = %d "
+                    "needs; raise it (ulimit -n) or lower max_connections", soft, want,
+                    config.server.max_connections)
+
+
 def run_supervisor(config: Config, file: str) -> int:
+    _raise_open_files(config)
     # Fail fast and clearly if a port is taken, before forking anything; the claims
     # are held until the supervisor exits (proxy/listeners.py).
     claims: list[socket.socket] = []
