@@ -15,7 +15,6 @@ import time
 from typing import Any, Final
 
 from aiohttp import web
-from aiohttp.http import HttpVersion
 from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 from yarl import URL
@@ -45,7 +44,7 @@ from proxy.plugin import Handler, Plugin, ProxyRequest, ProxyResponse
 from proxy.response import CompleteResponse, ProxiedResponse, plain_answer
 from proxy.routing import Route, normalise_host, strip_path_prefix
 from proxy.strategy import RequestContext
-from proxy.upstream.connection import ResponseHead, UpstreamConnection
+from proxy.upstream.connection import InterimHead, ResponseHead, UpstreamConnection
 from proxy.upstream.pool import BackendPool
 from proxy.websocket import tunnel_websocket
 
@@ -54,7 +53,6 @@ __all__ = ["Forwarder", "Outcome", "error_response"]
 log = logging.getLogger("bascule.forward")
 
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
-_HTTP10: Final = HttpVersion(1, 0)
 _NO_BODY_STATUS: Final = frozenset({204, 304})
 # Quick answers up to this size go out in one transport write (CompleteResponse).
 _COMPLETE_WRITE_MAX: Final = 1024 * 1024
@@ -228,7 +226,7 @@ class Forwarder:
         # The parsed message (aiohttp's RawRequestMessage) is read directly: the
         # request's convenience properties re-derive the same values per access.
         message = request._message
-        if message.version < _HTTP10:
+        if message.version.major == 0:
             # HTTP/0.9 has no head: nothing to route or forward unambiguously (HAProxy: 400).
             return error_response(400, "HTTP/0.9 is not supported", close=True)
         target = message.path
@@ -253,7 +251,8 @@ class Forwarder:
                 target = url.raw_path_qs or "/"
                 path = target.partition("?")[0]
         else:
-            path = target.partition("?")[0]
+            query_at = target.find("?")
+            path = target if query_at < 0 else target[:query_at]
         try:
             route = runtime.routes.match(normalise_host(host_header), path)
         except AmbiguousPath:
@@ -405,16 +404,21 @@ class Forwarder:
 async def _read_body(request: web.BaseRequest, limit: int, max_body: int,
                      idle: float) -> tuple[list[bytes], bool]:
     """Up to `limit` bytes of the request body (a little more: whole reads), and
-    whether that was all of it."""
+    whether that was all of it. What has already arrived is taken without a timer;
+    only a wait for more bytes is bounded by `idle`."""
     content = request.content
     chunks: list[bytes] = []
     total = 0
     try:
         while total <= limit:
-            async with asyncio.timeout(idle or None):
-                chunk = await content.readany()
+            chunk = content.read_nowait()
             if not chunk:
-                return chunks, True
+                if content.at_eof():
+                    return chunks, True
+                async with asyncio.timeout(idle or None):
+                    chunk = await content.readany()
+                if not chunk:
+                    return chunks, True
             total += len(chunk)
             if max_body and total > max_body:
                 raise BodyTooLarge("body over max_body_size")
@@ -700,17 +704,18 @@ class _Exchange:
         out = self.request_line + b"Host: " + host + b"\r\n" + self.head_rest
         kept = self.body_copy
         whole = self.body_complete and not self.chunked and kept is not None
-        if whole and kept:
-            # A body read whole (buffered, or kept for this retry) goes in the
-            # head's write: one syscall.
-            out = b"".join((out, *kept))
-        conn.begin(out, is_head=self.request.method == "HEAD")
+        # A body read whole (buffered, or kept for this retry) goes out with the head:
+        # one writev, no copy.
+        conn.begin(out, is_head=self.request.method == "HEAD", body=kept if whole else None)
         if timeouts.total:
             conn.arm_total(timeouts.total)
         if not self.has_body or whole:
             conn.request_sent()
             conn.arm_timer(head_timeout, "response header")
-            return await self._final_head(conn)
+            first = await conn.read_head()
+            if isinstance(first, ResponseHead):
+                return first
+            return await self._final_head(conn, first)
         request = self.request
         if (not self.continue_sent and request.version >= (1, 1)
                 and request.headers.get("Expect", "").lower() == "100-continue"):
@@ -718,7 +723,7 @@ class _Exchange:
             await request.writer.write(_CONTINUE)
         pump = self.runtime.loop.create_task(self._send_body(conn, head_timeout))
         try:
-            head = await self._final_head(conn)
+            head = await self._final_head(conn, None)
         except BaseException:
             pump.cancel()
             raise
@@ -728,13 +733,15 @@ class _Exchange:
             pump.cancel()
         return head
 
-    async def _final_head(self, conn: UpstreamConnection) -> ResponseHead:
-        """The final response head; interim 1xx heads that come before it are relayed
-        to HTTP/1.1 clients as they arrive (RFC 9110 §15.2: never to HTTP/1.0
-        clients) and never stored. 100 Continue is not relayed: Bascule answers
-        Expect itself."""
+    async def _final_head(self, conn: UpstreamConnection,
+                          head: ResponseHead | InterimHead | None) -> ResponseHead:
+        """The final response head (`head`: one already read); interim 1xx heads that
+        come before it are relayed to HTTP/1.1 clients as they arrive (RFC 9110 §15.2:
+        never to HTTP/1.0 clients) and never stored. 100 Continue is not relayed:
+        Bascule answers Expect itself."""
         while True:
-            head = await conn.read_head()
+            if head is None:
+                head = await conn.read_head()
             if isinstance(head, ResponseHead):
                 return head
             request = self.request
@@ -742,6 +749,7 @@ class _Exchange:
             if (head.status != 100 and request.version >= (1, 1) and transport is not None
                     and not transport.is_closing()):
                 transport.write(head.encode())
+            head = None
 
     async def _send_body(self, conn: UpstreamConnection, head_timeout: float) -> None:
         server = self.runtime.server

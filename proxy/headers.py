@@ -216,7 +216,8 @@ class ResponseHeaderFilter:
     fields as ready-to-send lines, and notes framing, Date, Via and the head's size
     and field count (checked against the upstream's limits once the head is parsed)."""
 
-    __slots__ = ("count", "has_date", "kept", "length", "nominated", "size", "te", "via")
+    __slots__ = ("dropped", "dropped_size", "has_date", "kept", "length", "nominated", "te",
+                 "via")
 
     def __init__(self) -> None:
         self.kept: list[tuple[bytes, bytes]] = []
@@ -225,18 +226,21 @@ class ResponseHeaderFilter:
         self.length: int | None = None
         self.te = b""  # every Transfer-Encoding field's value, joined in order
         self.has_date = False
-        self.size = 0
-        self.count = 0
+        # Fields not kept, for the head limits (kept ones are measured from `kept` only
+        # when a limit could be at stake: nothing extra per kept field).
+        self.dropped = 0
+        self.dropped_size = 0
 
     def add(self, name: bytes, value: bytes) -> None:
-        self.size += len(name) + len(value) + 4
-        self.count += 1
         lname = name.lower()
         if lname not in _DROP_RESPONSE:
             self.kept.append((lname, name + b": " + value + b"\r\n"))
             if lname == b"date":
                 self.has_date = True
-        elif lname == b"content-length":
+            return
+        self.dropped += 1
+        self.dropped_size += len(name) + len(value) + 4
+        if lname == b"content-length":
             if value.strip().isdigit():
                 self.length = int(value)
         elif lname == b"transfer-encoding":
@@ -247,6 +251,15 @@ class ResponseHeaderFilter:
             self.nominated.update(t.strip().lower() for t in value.split(b","))
         elif lname == b"via":
             self.via = self.via + b", " + value if self.via else value
+
+    @property
+    def count(self) -> int:
+        return len(self.kept) + self.dropped
+
+    @property
+    def size(self) -> int:
+        """Bytes of the field lines as received (names, values, ": " and CRLF)."""
+        return sum(len(line) for _, line in self.kept) + self.dropped_size
 
     @property
     def chunked(self) -> bool:

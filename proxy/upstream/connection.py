@@ -101,6 +101,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._interims: deque[InterimHead] = deque()
         self._head_bytes = 0  # bytes received before the final head was complete
         self._head_size = 0  # parsed size of the heads so far (status lines and fields)
+        self._feeding = 0  # size of the read being parsed
         self._discarding = False  # bytes followed the response: not reusable
         self._head_waiter: asyncio.Future[None] | None = None
         self._chunks: deque[bytes] = deque()
@@ -175,6 +176,7 @@ class UpstreamConnection(asyncio.Protocol):
                 self._wake_splice()
             return
         in_head = self._head is None
+        self._feeding = len(data)
         try:
             self._parser.feed_data(data)  # type: ignore[union-attr]
         except httptools.HttpParserUpgrade:
@@ -250,12 +252,15 @@ class UpstreamConnection(asyncio.Protocol):
         assert parser is not None
         status = parser.get_status_code()
         fields = self._fields
-        self._head_size += len(self._reason) + fields.size + 15
         limits = self._limits
-        if self._head_size > limits.max_head_size:
-            raise UpstreamInvalidResponse("response head over max_response_header_size")
-        if fields.count > limits.max_headers:
+        if len(fields.kept) + fields.dropped > limits.max_headers:
             raise UpstreamInvalidResponse("response head over max_response_headers")
+        if self._head_bytes + self._feeding > limits.max_head_size:
+            # Only when every byte received so far could exceed the limit is the
+            # head measured (the common small response skips it).
+            self._head_size += len(self._reason) + fields.size + 15
+            if self._head_size > limits.max_head_size:
+                raise UpstreamInvalidResponse("response head over max_response_header_size")
         if status == 101:
             raise UpstreamInvalidResponse("backend switched protocols unexpectedly")
         if 100 <= status < 200:
@@ -309,8 +314,9 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- the exchange API -------------------------------------------------------------
 
-    def begin(self, head: bytes, *, is_head: bool) -> None:
-        """Start one request/response exchange and write the request head."""
+    def begin(self, head: bytes, *, is_head: bool, body: list[bytes] | None = None) -> None:
+        """Start one request/response exchange and write the request head (and a
+        whole body in the same write, when given)."""
         self.in_exchange = True
         self.received_any = False
         self._new_fields()
@@ -333,7 +339,10 @@ class UpstreamConnection(asyncio.Protocol):
         self._close_delimited = False
         self._error = None
         self._request_sent = False
-        self.transport.write(head)  # type: ignore[union-attr]
+        if body:
+            self.transport.writelines([head, *body])  # type: ignore[union-attr]
+        else:
+            self.transport.write(head)  # type: ignore[union-attr]
 
     def write(self, data: bytes) -> None:
         if self._error is not None:
