@@ -831,6 +831,15 @@ class _Exchange:
             # it the body could not be decoded.
             raise UpstreamInvalidResponse("transfer-coded response for an HTTP/1.0 client")
         body = conn.take_buffered_body()
+        if body is not None and not codings and len(body) <= _COMPLETE_WRITE_MAX:
+            # The whole response is here (the common small case): the connection
+            # goes back now and the client gets head and body in one write.
+            self._release_conn(conn.finish())
+            if no_body:
+                return CompleteResponse(head.status, head.reason, block, b"", has_date,
+                                        length=length)
+            self.outcome.bytes_out = len(body)
+            return CompleteResponse(head.status, head.reason, block, body, has_date)
         if length is None and body is not None and not no_body and not codings:
             length = len(body)  # complete already: send it length-delimited
         resp = ProxiedResponse(head.status, head.reason, block, length, has_date, codings)

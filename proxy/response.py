@@ -99,16 +99,24 @@ class ProxiedResponse(web.StreamResponse):
             writer.send_headers()
 
 
+_BODY_LENGTH = -1  # CompleteResponse: Content-Length is the body's length
+
+
 class CompleteResponse(web.StreamResponse):
-    """A response whose head and body are in hand (a cache hit): one transport write,
-    without StreamResponse's preparation or the payload writer's buffering. Framing
-    and Connection are decided as in ProxiedResponse. Meant for small bodies: the
-    bytes go to the transport at once, without waiting for the client to drain."""
+    """A response whose head and body are in hand (a small backend response already
+    received whole, a cache hit, Bascule's own answers): one transport write, without
+    StreamResponse's preparation or the payload writer's buffering. Framing and
+    Connection are decided as in ProxiedResponse: `length` is the Content-Length to
+    announce when it is not the body's (a HEAD or 304 answer announces the
+    representation's, None for none). Meant for small bodies: the bytes go to the
+    transport at once, without waiting for the client to drain."""
 
     def __init__(self, status: int, reason: bytes, head_block: bytes, body: bytes,
-                 has_date: bool, *, close: bool = False) -> None:
+                 has_date: bool, *, close: bool = False,
+                 length: int | None = _BODY_LENGTH) -> None:
         super().__init__(status=status)
         self._close = close
+        self._length = len(body) if length == _BODY_LENGTH else length
         self._reason_bytes = reason
         self._head_block = head_block
         self._complete_body = body
@@ -122,9 +130,11 @@ class CompleteResponse(web.StreamResponse):
             raise ConnectionResetError("client connection closed")
         version = request.version
         keep_alive = request.keep_alive and not self._close
-        framing = (b"Content-Length: %d\r\n" % len(self._complete_body)
-                   + _connection_and_date(version, keep_alive, self._has_date))
         status = self.status
+        length = self._length
+        framing = _connection_and_date(version, keep_alive, self._has_date)
+        if length is not None and status != 204 and status >= 200:
+            framing = b"Content-Length: %d\r\n" % length + framing
         with_body = request.method != "HEAD" and status not in _NO_BODY_STATUS
         transport.write(b"".join((
             b"HTTP/1.1 %d " % status, self._reason_bytes,

@@ -291,3 +291,27 @@ async def test_limit_violations_are_counted(edge: Edge, backend: Backend) -> Non
     samples = [s for family in edge.metrics.invalid_responses.collect()
                for s in family.samples if s.name.endswith("_total")]
     assert [s.value for s in samples] == [1.0]
+
+
+@pytest.mark.parametrize(("method", "answer", "framing"), [
+    ("HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n", b"Content-Length: 1234"),
+    ("HEAD", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", None),
+    ("GET", b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n", None),
+    ("GET", b"HTTP/1.1 304 Not Modified\r\nContent-Length: 99\r\n\r\n", b"Content-Length: 99"),
+    ("GET", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", b"Content-Length: 2"),
+])
+async def test_bodiless_answers_keep_the_representation_length(
+        edge: Edge, backend: Backend, method: str, answer: bytes,
+        framing: bytes | None) -> None:
+    """RFC 9110 §8.6: a HEAD or 304 answer announces the length the GET would have
+    had; a 204 has none; nothing framed by chunked when there is no body."""
+    backend.answer = answer
+    raw = await raw_request(edge.ports[0], f"{method} / HTTP/1.1\r\nHost: t\r\n"
+                            "Connection: close\r\n\r\n".encode())
+    _, fields, _ = split(raw)
+    lines = fields.split(b"\r\n")
+    if framing is None:
+        assert not any(line.startswith((b"Content-Length", b"Transfer-Encoding"))
+                       for line in lines), raw
+    else:
+        assert framing in lines, raw
