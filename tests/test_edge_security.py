@@ -20,6 +20,7 @@ from proxy.server import Edge
 from tests.helpers import (
     free_port,
     port_of,
+    proxy_config,
     raw_request,
     start_backend,
     start_proxy,
@@ -121,48 +122,27 @@ async def test_ambiguous_spellings_are_refused(routed: Edge, recorder: Recorder,
     assert recorder.seen == []
 
 
-async def test_normalise_path_forwards_the_normal_form(recorder: Recorder) -> None:
+async def app_edge(recorder: Recorder, route: str = "", server: str = "") -> Edge:
+    """One route to one recording backend named app."""
     port = await recorder.start("app")
-    edge = await start_proxy(f"""
-[server]
-listen = ["127.0.0.1:{free_port()}"]
-access_log = "off"
+    return await start_proxy(proxy_config(
+        {"app": [f"127.0.0.1:{port}"]}, server=server,
+        routes=f'[[routes]]\nupstream = "app"\n{route}'))
 
-[[routes]]
-path_prefix = "/api"
-strip_prefix = true
-upstream = "app"
-normalise_path = true
 
-[upstreams.app]
-backends = ["127.0.0.1:{port}"]
-""")
+@pytest.mark.parametrize(("route", "target", "forwarded"), [
+    ('path_prefix = "/api"\nstrip_prefix = true\nnormalise_path = true',
+     "/api/v1/./x/../%7euser?q=/../a", "/v1/~user?q=/../a"),
+    # a prefix cannot be stripped from bytes that do not spell it: the normal form goes
+    ('path_prefix = "/api"\nstrip_prefix = true', "/%61pi/v1", "/v1"),
+    ('path_prefix = "/api"\nstrip_prefix = true', "/api/./v1", "/./v1"),
+])
+async def test_forwarded_target(recorder: Recorder, route: str, target: str,
+                                forwarded: str) -> None:
+    edge = await app_edge(recorder, route)
     try:
-        raw = await raw_request(edge.ports[0], get("/api/v1/./x/../%7euser?q=/../a"))
-        assert body_of(raw)["path"] == "/v1/~user?q=/../a"
-    finally:
-        await edge.drain(1.0)
-
-
-async def test_strip_prefix_of_a_non_literal_spelling_forwards_the_normal_form(
-        recorder: Recorder) -> None:
-    port = await recorder.start("app")
-    edge = await start_proxy(f"""
-[server]
-listen = ["127.0.0.1:{free_port()}"]
-access_log = "off"
-
-[[routes]]
-path_prefix = "/api"
-strip_prefix = true
-upstream = "app"
-
-[upstreams.app]
-backends = ["127.0.0.1:{port}"]
-""")
-    try:
-        raw = await raw_request(edge.ports[0], get("/%61pi/v1"))
-        assert body_of(raw)["path"] == "/v1"
+        raw = await raw_request(edge.ports[0], get(target))
+        assert body_of(raw)["path"] == forwarded
     finally:
         await edge.drain(1.0)
 
@@ -203,21 +183,8 @@ async def test_client_asserted_fields_are_stripped(routed: Edge, recorder: Recor
 
 
 async def test_trusted_peer_keeps_them_and_forwarded_is_added(recorder: Recorder) -> None:
-    port = await recorder.start("app")
-    edge = await start_proxy(f"""
-[server]
-listen = ["127.0.0.1:{free_port()}"]
-access_log = "off"
-trusted_proxies = ["127.0.0.1/32"]
-forwarded = true
-x_real_ip = true
-
-[[routes]]
-upstream = "app"
-
-[upstreams.app]
-backends = ["127.0.0.1:{port}"]
-""")
+    edge = await app_edge(recorder, server='trusted_proxies = ["127.0.0.1/32"]\n'
+                          "forwarded = true\nx_real_ip = true")
     try:
         raw = await raw_request(edge.ports[0], get("/", host="a.test", extra=SPOOFED))
         headers = body_of(raw)["headers"]
