@@ -53,6 +53,9 @@ __all__ = ["Forwarder", "Outcome", "error_response"]
 log = logging.getLogger("bascule.forward")
 
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+# Only these may be answered before the chain (RFC 9111 §4: an unsafe method must
+# reach the origin, and invalidates what is stored, §4.4).
+_SAFE_BODILESS: Final = frozenset({"GET", "HEAD"})
 _NO_BODY_STATUS: Final = frozenset({204, 304})
 # Quick answers up to this size go out in one transport write (CompleteResponse).
 _COMPLETE_WRITE_MAX: Final = 1024 * 1024
@@ -271,7 +274,8 @@ class Forwarder:
 
         quick = runtime.quick.get(route.name) if runtime.quick else None
         memo: dict[str, Any] | None = None
-        if quick is not None and not message.chunked and "Content-Length" not in headers:
+        if (quick is not None and message.method in _SAFE_BODILESS and not message.chunked
+                and "Content-Length" not in headers):
             # The key the chain would see: the target after strip_prefix.
             quick_target = (strip_path_prefix(target, route.path_prefix)
                             if route.strip_prefix and route.path_prefix != "/" else target)

@@ -217,7 +217,8 @@ class Cache:
         awaits, no header copies: the stored block is sent with Age and Cache-Status
         appended. Requests with directives, conditionals or ranges take the chain."""
         store = self.store
-        if _QUICK_SKIP & headers.keys() or not isinstance(store, MemoryStore | NearCache):
+        if (method not in ("GET", "HEAD") or _QUICK_SKIP & headers.keys()
+                or not isinstance(store, MemoryStore | NearCache)):
             return None
         primary = self.primary_key(host, target)
         vary = store.vary_of(primary)

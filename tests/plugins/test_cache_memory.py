@@ -12,7 +12,14 @@ import pytest
 from aiohttp import web
 
 from proxy.server import Edge
-from tests.helpers import edge_url, port_of, proxy_config, start_backend, start_proxy
+from tests.helpers import (
+    edge_url,
+    port_of,
+    proxy_config,
+    raw_request,
+    start_backend,
+    start_proxy,
+)
 
 hits: collections.Counter[str] = collections.Counter()
 conditionals: list[str] = []
@@ -23,6 +30,8 @@ async def origin(request: web.BaseRequest) -> web.StreamResponse:
     path = request.path
     if request.method == "POST":
         return web.Response(status=201, text="created")
+    if request.method == "DELETE":
+        return web.Response(status=204)
     if path == "/fresh":
         return web.Response(text=f"fresh {hits[path]}",
                             headers={"Cache-Control": "max-age=60", "ETag": '"f1"'})
@@ -155,6 +164,23 @@ async def test_stale_if_error_and_invalidation(edge: Edge) -> None:
     await get(edge, "/fresh")
     # GET (stored), POST (origin), GET again: the POST invalidated the stored /fresh
     assert hits["/fresh"] == 3
+
+
+@pytest.mark.parametrize("method", ["DELETE", "OPTIONS"])
+async def test_a_bodiless_unsafe_request_reaches_the_origin(edge: Edge, method: str) -> None:
+    """Only GET and HEAD may be answered from the cache (RFC 9111 §4); a bodiless
+    DELETE used to be served the stored GET response as a hit."""
+    await get(edge, "/fresh")
+    # raw, so that no Content-Length is sent (aiohttp's client adds one)
+    host = f"127.0.0.1:{edge.ports[0]}"  # the stored entry's key, as aiohttp sent it
+    raw = await raw_request(edge.ports[0], f"{method} /fresh HTTP/1.1\r\nHost: {host}\r\n"
+                            "Connection: close\r\n\r\n".encode())
+    assert b"Cache-Status: bascule; hit" not in raw
+    assert hits["/fresh"] == 2  # the origin saw it
+    if method == "DELETE":
+        assert raw.startswith(b"HTTP/1.1 204 ")
+        await get(edge, "/fresh")
+        assert hits["/fresh"] == 3  # and it invalidated the stored entry (§4.4)
 
 
 async def test_only_if_cached_miss_is_504(edge: Edge) -> None:
