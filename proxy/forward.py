@@ -30,6 +30,7 @@ from proxy.errors import (
     ClientGone,
     NoBackendError,
     NoRouteError,
+    PluginError,
     UpstreamBusy,
     UpstreamConnectError,
     UpstreamInvalidResponse,
@@ -368,28 +369,33 @@ class Forwarder:
                 async def terminal(preq: ProxyRequest) -> ProxyResponse:
                     # What the plugins changed in the request goes upstream.
                     line, rest, host = request_line, head_rest, client_host
-                    if preq.target != target:
-                        line = (message.method.encode("ascii") + b" "
+                    method = preq.method
+                    if method != message.method:
+                        _check_method_change(message.method, method)
+                    if preq.target != target or method != message.method:
+                        line = (method.encode("ascii") + b" "
                                 + preq.target.encode("utf-8", "surrogateescape")
                                 + b" HTTP/1.1\r\n")
-                    if list(preq.headers.items()) != list(headers.items()):
+                    if list(preq.headers.items()) != list(chain_headers.items()):
                         raw = [(k.encode("utf-8", "surrogateescape"),
                                 v.encode("utf-8", "surrogateescape"))
                                for k, v in preq.headers.items()]
                         rest, host, _ = build_request_head(
                             raw, peer=peer, trusted_peer=trusted, framing=framing,
-                            request_id=request_id, authority=authority,
-                            policy=runtime.header_policy)
+                            request_id=request_id, policy=runtime.header_policy)
                     exchange = _Exchange(request, route, upstream, runtime, line, rest, host,
                                          has_body, chunked, hash_key, self.metrics, outcome,
-                                         body, body_done, continue_sent)
+                                         body, body_done, continue_sent, method)
                     return await exchange.run_to_proxy_response()
 
                 handler: Handler = terminal
                 for plugin in reversed(chain):
                     handler = functools.partial(_call_plugin, plugin, handler)
-                proxy_request = ProxyRequest(message.method, target, CIMultiDict(headers), peer,
-                                             route.name, upstream.name, memo or {})
+                chain_headers = CIMultiDict(headers)
+                if authority:  # what the backend gets as Host (RFC 9112 §3.2.2)
+                    chain_headers["Host"] = host_header
+                proxy_request = ProxyRequest(message.method, target, chain_headers.copy(),
+                                             peer, route.name, upstream.name, memo or {})
                 return await self._write_proxy_response(request, await handler(proxy_request),
                                                         outcome)
             exchange = _Exchange(request, route, upstream, runtime, request_line, head_rest,
@@ -401,6 +407,8 @@ class Forwarder:
             text = NoBackendError.public_message
             return error_response(503, f"{text}: {reason}" if reason else text)
         except BasculeError as exc:
+            if isinstance(exc, PluginError):
+                log.error("route %s: %s", route.name, exc)
             return error_response(exc.status, exc.public_message,
                                   close=exc.status in (408, 413))
 
@@ -432,6 +440,20 @@ async def _read_body(request: web.BaseRequest, limit: int, max_body: int,
     except (HttpProcessingError, ConnectionError, OSError) as exc:
         raise BadRequestBody(f"client body: {exc}") from None
     return chunks, False
+
+
+_TCHAR = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"
+                   "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def _check_method_change(original: str, method: str) -> None:
+    """A plugin may change the method, to a valid token (RFC 9110 §9.1), but not to
+    or from HEAD: the client's response framing depends on it."""
+    if not method or not all(c in _TCHAR for c in method):
+        raise PluginError(f"a plugin set an invalid method {method!r}")
+    if (method == "HEAD") != (original == "HEAD"):
+        raise PluginError(f"a plugin changed the method {original} to {method}: "
+                          "not to or from HEAD")
 
 
 async def _call_plugin(plugin: Plugin, call_next: Handler,
@@ -482,16 +504,17 @@ class _Exchange:
     """State of one proxied request across its attempts."""
 
     __slots__ = ("backend", "body_complete", "body_copy", "chunked", "client_host", "conn",
-                 "continue_sent", "has_body", "hash_key", "head_rest", "metrics", "outcome",
-                 "pool", "request", "request_line", "route", "runtime", "upstream")
+                 "continue_sent", "has_body", "hash_key", "head_rest", "method", "metrics",
+                 "outcome", "pool", "request", "request_line", "route", "runtime", "upstream")
 
     def __init__(
         self, request: web.BaseRequest, route: Route, upstream: Upstream, runtime: Runtime,
         request_line: bytes, head_rest: bytes, client_host: bytes, has_body: bool,
         chunked: bool, hash_key: str | None, metrics: Metrics, outcome: Outcome,
         body: list[bytes] | None = None, body_done: bool = False,
-        continue_sent: bool = False,
+        continue_sent: bool = False, method: str | None = None,
     ) -> None:
+        self.method = method or request.method  # as sent upstream (a plugin may change it)
         self.hash_key = hash_key
         self.metrics = metrics
         self.outcome = outcome
@@ -672,7 +695,7 @@ class _Exchange:
         # After something was sent, only idempotent requests (RFC 9110 §9.2.2) go
         # again, and a body only when all of it was kept.
         if kind != "connect-failure":
-            if self.request.method not in _IDEMPOTENT:
+            if self.method not in _IDEMPOTENT:
                 return False
             if self.has_body and not self.body_complete:
                 return False
@@ -710,7 +733,7 @@ class _Exchange:
         whole = self.body_complete and not self.chunked and kept is not None
         # A body read whole (buffered, or kept for this retry) goes out with the head:
         # one writev, no copy.
-        conn.begin(out, is_head=self.request.method == "HEAD", body=kept if whole else None)
+        conn.begin(out, is_head=self.method == "HEAD", body=kept if whole else None)
         if timeouts.total:
             conn.arm_total(timeouts.total)
         if not self.has_body or whole:

@@ -67,3 +67,17 @@ class Count:
 
         response.body = counted()
         return response
+
+
+class MethodOverride:
+    """Sends the method named in X-HTTP-Method-Override upstream instead of the
+    client's (a common API-gateway rule), removing the field."""
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        pass
+
+    async def __call__(self, request: ProxyRequest, call_next: Handler) -> ProxyResponse:
+        override = request.headers.popone("X-HTTP-Method-Override", None)
+        if override:
+            request.method = override
+        return await call_next(request)

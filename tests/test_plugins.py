@@ -30,7 +30,8 @@ async def backend(request: web.BaseRequest) -> web.StreamResponse:
             await asyncio.sleep(0)
         return resp
     return web.json_response({"chain": request.headers.getall("X-Chain", []),
-                              "path": request.raw_path})
+                              "path": request.raw_path, "method": request.method,
+                              "override": request.headers.get("X-HTTP-Method-Override")})
 
 
 PLUGINS = """
@@ -51,6 +52,10 @@ use = "tests.example_plugins:Deny"
 [[plugins]]
 name = "count"
 use = "tests.example_plugins:Count"
+
+[[plugins]]
+name = "override"
+use = "tests.example_plugins:MethodOverride"
 """
 
 
@@ -61,6 +66,11 @@ async def edge() -> AsyncIterator[Edge]:
 [[routes]]
 path_prefix = "/plain"
 upstream = "app"
+
+[[routes]]
+path_prefix = "/api"
+upstream = "app"
+plugins = ["override"]
 
 [[routes]]
 upstream = "app"
@@ -78,9 +88,26 @@ async def test_order_and_request_changes(edge: Edge) -> None:
             edge_url(edge) + "/x?q=1") as resp:
         seen = json.loads(await resp.read())
         # outermost first on the way in, last on the way out
-        assert seen == {"chain": ["outer", "inner"], "path": "/x?q=1"}
+        assert seen == {"chain": ["outer", "inner"], "path": "/x?q=1", "method": "GET",
+                        "override": None}
         assert resp.headers.getall("X-Chain-Out") == ["inner", "outer"]
         assert resp.headers["Via"] == "1.1 bascule"
+
+
+@pytest.mark.parametrize(("override", "status", "method"), [
+    ("PUT", 200, "PUT"), ("DELETE", 200, "DELETE"),
+    ("HEAD", 500, None),  # the client's framing depends on HEAD: refused
+    ("BAD METHOD", 500, None),
+])
+async def test_a_plugin_changes_the_method(edge: Edge, override: str, status: int,
+                                           method: str | None) -> None:
+    async with aiohttp.ClientSession() as session, session.post(
+            edge_url(edge) + "/api/x", data=b"body",
+            headers={"X-HTTP-Method-Override": override}) as resp:
+        assert resp.status == status
+        if method is not None:
+            seen = json.loads(await resp.read())
+            assert (seen["method"], seen["override"]) == (method, None)
 
 
 async def test_short_circuit_never_reaches_the_backend(edge: Edge) -> None:
