@@ -47,7 +47,7 @@ from proxy.routing import Route, normalise_host, strip_path_prefix
 from proxy.strategy import RequestContext
 from proxy.upstream.connection import InterimHead, ResponseHead, UpstreamConnection
 from proxy.upstream.pool import BackendPool
-from proxy.websocket import tunnel_websocket
+from proxy.websocket import WebSocketRequest, tunnel_websocket
 
 __all__ = ["Forwarder", "Outcome", "error_response"]
 
@@ -290,9 +290,14 @@ class Forwarder:
             if answer is not None:
                 return await self._write_quick(request, answer, outcome)
 
+        peer = request.protocol.peer  # type: ignore[attr-defined]
+        hash_on = upstream.hash_on
+        hash_key = hash_on.extract(headers, message.path, peer) if hash_on else None
         if (message.upgrade and route.websocket
                 and headers.get("Upgrade", "").lower() == "websocket"):
-            return await tunnel_websocket(request, route, upstream, runtime, target, authority)
+            return await tunnel_websocket(
+                request, route, upstream, runtime,
+                WebSocketRequest(target, authority, peer, hash_key, outcome), self.metrics)
 
         server = runtime.server
         length_text = headers.get("Content-Length")
@@ -337,7 +342,6 @@ class Forwarder:
 
         if route.strip_prefix and route.path_prefix != "/":
             target = strip_path_prefix(target, route.path_prefix)
-        peer = request.protocol.peer  # type: ignore[attr-defined]
         request_id = b""
         if server.request_id:
             client_id = headers.get("X-Request-Id") if server.trust_request_id else None
@@ -357,8 +361,6 @@ class Forwarder:
             return error_response(431, "request header fields too large", close=True)
         request_line = (message.method.encode("ascii") + b" "
                         + target.encode("utf-8", "surrogateescape") + b" HTTP/1.1\r\n")
-        hash_on = upstream.hash_on
-        hash_key = hash_on.extract(headers, message.path, peer) if hash_on else None
         if length:
             outcome.bytes_in = length
         chain = runtime.chains.get(route.name) if runtime.chains else None
