@@ -1,13 +1,19 @@
 """Hot reload as prepare → commit (DESIGN.md §4).
 
-Prepare: parse and validate the file and build a whole new Runtime beside the running
-one (strategies, balancers, Consul watchers — which get their first answers before
-the commit). Backends whose identity is unchanged carry over their Backend objects
-(in-flight counts, health) and their warm connection pools. Commit: one assignment
-of the forwarder's runtime. Requests in flight finish on the old runtime, which is
-closed once none is left (or after graceful_timeout). Any failure in prepare changes
-nothing: the old runtime keeps serving and the error — file, key path, message — is
-logged, shown in /status and counted in bascule_config_reloads_total{result="error"}.
+Prepare: parse and validate the file, build a whole new Runtime beside the running
+one, start its plugins and its Consul watchers, and wait for every watched service's
+first answer. Nothing is taken from the running runtime while preparing. Any
+failure there — a bad file, a plugin whose start raises, a Consul service that does
+not answer within `consul.startup_wait` — closes what was built, changes nothing,
+and is reported every time: the log, /status `reload`, the answer to POST /reload
+(400 for the file, 500 for the rest, naming the cause) and
+bascule_config_reloads_total{result="error"}.
+
+Commit, only then: backends whose identity is unchanged carry over their Backend
+objects (in-flight counts, health) and their warm connection pools, plugins adopt
+their predecessor's state, active health checks start, and one assignment swaps the
+forwarder's runtime. Requests in flight finish on the old runtime, which is closed
+once none is left (or after graceful_timeout).
 """
 
 from __future__ import annotations
@@ -39,6 +45,11 @@ class ReloadResult:
     error: str = ""
     warnings: list[str] = field(default_factory=list)
     at: float = field(default_factory=time.time)
+    status: int = 200  # for POST /reload: 400 a bad file, 500 a failed start
+
+    def __post_init__(self) -> None:
+        if not self.ok and self.status == 200:
+            self.status = 400
 
     def as_dict(self) -> dict[str, Any]:
         return {"result": "success" if self.ok else "error", "changed": self.changed,
@@ -111,7 +122,8 @@ class Reloader:
             return ReloadResult(False, False, old.config_hash, message)
         except Exception as exc:  # a broken third-party strategy must not kill us
             log.exception("reload of %s failed", file)
-            return ReloadResult(False, False, old.config_hash, f"{type(exc).__name__}: {exc}")
+            return ReloadResult(False, False, old.config_hash, f"{type(exc).__name__}: {exc}",
+                                status=500)
         if new.config_hash == old.config_hash:
             return ReloadResult(True, False, old.config_hash)
         warnings = [
@@ -124,24 +136,52 @@ class Reloader:
         for warning in warnings:
             log.warning("reload: %s", warning)
         new.loop = loop
+        failure = await self._prepare(new)
+        if failure:
+            log.error("reload of %s failed, still serving config %s: %s", file,
+                      old.config_hash, failure)
+            await self._discard(new)
+            return ReloadResult(False, False, old.config_hash, failure, status=500)
+        # -- commit: only now is anything taken from the old runtime ----------------
         carry_over(old, new)
         edge.start_health(new)
-        await new.start_plugins(edge.metrics)
         if new.discovery is not None:
             registered = old.discovery.registered_id if old.discovery else None
-            await new.discovery.start(edge.metrics, register=False, **edge.discovery_args())
             if registered and old.discovery is not None:
                 # The registration moves to the new runtime: the old one must not
                 # deregister what is still us.
                 new.discovery.registered_id = registered
                 old.discovery.registered_id = None
-        # -- commit ---------------------------------------------------------------------
         edge.commit(new)
         log.info("reloaded %s: config %s -> %s", file, old.config_hash, new.config_hash)
         retiring = loop.create_task(self._retire(old, new.server.graceful_timeout))
         self._retiring.add(retiring)
         retiring.add_done_callback(self._retiring.discard)
         return ReloadResult(True, True, new.config_hash, warnings=warnings)
+
+    async def _prepare(self, new: Runtime) -> str:
+        """Start what the new runtime needs before it may serve; the cause of a
+        failure, or "" when it is ready."""
+        edge = self.edge
+        try:
+            await new.start_plugins(edge.metrics)
+            if new.discovery is not None:
+                silent = await new.discovery.start(edge.metrics, register=False,
+                                                   **edge.discovery_args())
+                if silent:
+                    return (f"consul: no answer for {', '.join(repr(s) for s in silent)} "
+                            f"within {new.config.consul.startup_wait:g}s")
+        except Exception as exc:  # a third-party plugin's start may raise anything
+            log.exception("reload: starting the new runtime failed")
+            return f"{type(exc).__name__}: {exc}"
+        return ""
+
+    async def _discard(self, new: Runtime) -> None:
+        """Close a runtime that was prepared but never served."""
+        try:
+            await new.aclose()
+        except Exception:
+            log.exception("reload: closing the discarded runtime failed")
 
     async def _retire(self, old: Runtime, timeout: float) -> None:
         """Close the old runtime once its in-flight requests are done."""

@@ -414,7 +414,7 @@ class Edge:
                 # Every worker reloads: the supervisor passes SIGHUP on to all of
                 # them (this one finds its config current and does nothing more).
                 os.kill(os.getppid(), signal.SIGHUP)
-            return web.json_response(result.as_dict(), status=200 if result.ok else 400)
+            return web.json_response(result.as_dict(), status=result.status)
         if request.method not in ("GET", "HEAD"):
             return web.Response(status=405, text="method not allowed\n",
                                 headers={"Allow": "GET, HEAD"})

@@ -81,3 +81,21 @@ class MethodOverride:
         if override:
             request.method = override
         return await call_next(request)
+
+
+class FailingStart:
+    """A plugin whose start raises (say its auth server is down); counts closes."""
+
+    closed = 0
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        pass
+
+    async def start(self, context: Any) -> None:
+        raise RuntimeError("cannot reach the auth server")
+
+    async def aclose(self) -> None:
+        FailingStart.closed += 1
+
+    async def __call__(self, request: ProxyRequest, call_next: Handler) -> ProxyResponse:
+        return await call_next(request)

@@ -18,9 +18,11 @@ from aiohttp import web
 from proxy.app import build_runtime
 from proxy.config import load_config
 from proxy.server import Edge
+from tests.example_plugins import FailingStart
 from tests.helpers import (
     GetLoad,
     children_of,
+    dead_port,
     eventually,
     free_port,
     poll,
@@ -278,3 +280,63 @@ async def test_sighup_reloads_every_worker(tmp_path: Path, three: dict[str, int]
     assert proc.returncode == 0
 
 
+
+
+async def test_a_plugin_that_fails_to_start_changes_nothing(
+        tmp_path: Path, three: dict[str, int]) -> None:
+    """Prepare → commit: a plugin whose start raises fails the reload before anything
+    is taken from the running runtime (its warm pool stays), closes what was built,
+    and is reported like a bad file (answer, /status, metric)."""
+    FailingStart.closed = 0
+    path = tmp_path / "b.toml"
+    port, admin = free_port(), free_port()
+    path.write_text(config_text(port, admin, [three["a"]]))
+    edge = await start_edge(path)
+    try:
+        before = edge.forwarder.runtime
+        assert await bodies(edge, 2) == {"a": 2}
+        pool = next(iter(before.upstreams["app"].pools.values()))
+        assert pool.idle_count == 1  # warm
+        path.write_text(config_text(port, admin, [three["a"], three["b"]]).replace(
+            "[[routes]]", '[[plugins]]\nname = "auth"\nuse = "tests.example_plugins:FailingStart"'
+            '\n[[routes]]\nplugins = ["auth"]'))
+        status, result = await post_reload(edge)
+        assert status == 500 and result["result"] == "error"
+        assert result["error"] == "RuntimeError: cannot reach the auth server"
+        assert FailingStart.closed == 1  # the prepared runtime was closed
+        assert edge.forwarder.runtime is before
+        assert before.upstreams["app"].pools and pool.idle_count == 1  # kept its pool
+        assert await bodies(edge, 2) == {"a": 2}
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{admin}/status") as resp:
+                reload = json.loads(await resp.read())["reload"]
+            async with session.get(f"http://127.0.0.1:{admin}/metrics") as resp:
+                metrics = await resp.text()
+        assert reload["result"] == "error" and "cannot reach the auth server" in reload["error"]
+        assert 'bascule_config_reloads_total{result="error"} 1.0' in metrics
+    finally:
+        await edge.drain(1.0)
+
+
+async def test_a_consul_service_without_an_answer_fails_the_reload(
+        tmp_path: Path, three: dict[str, int]) -> None:
+    """The first Consul answer is part of prepare: a reload to a service Consul does
+    not answer for (here: no agent at all) is refused instead of swapping in an
+    upstream with no backends."""
+    path = tmp_path / "b.toml"
+    port, admin = free_port(), free_port()
+    path.write_text(config_text(port, admin, [three["a"]]))
+    edge = await start_edge(path)
+    try:
+        before = edge.forwarder.runtime
+        path.write_text(config_text(port, admin, [three["a"]]).replace(
+            f'backends = ["127.0.0.1:{three["a"]}"]', 'consul = { service = "web" }')
+            + f'[consul]\naddress = "http://127.0.0.1:{dead_port()}"\n'
+              'startup_wait = "300ms"\n')
+        status, result = await post_reload(edge)
+        assert status == 500
+        assert result["error"] == "consul: no answer for 'web' within 0.3s"
+        assert edge.forwarder.runtime is before
+        assert await bodies(edge, 2) == {"a": 2}
+    finally:
+        await edge.drain(1.0)

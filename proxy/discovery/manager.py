@@ -96,8 +96,10 @@ class ConsulDiscovery:
         return info
 
     async def start(self, metrics: Metrics | None, *, register: bool,
-                    admin_address: tuple[str, int], public_port: int) -> None:
-        """Start watching; wait up to `startup_wait` for first answers."""
+                    admin_address: tuple[str, int], public_port: int) -> list[str]:
+        """Start watching; wait up to `startup_wait` for first answers. Returns the
+        services that did not answer in time (a reload refuses to commit then; at
+        start-up their upstreams answer 503 until Consul does)."""
         self._metrics = metrics
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(w.run()) for w in self.watches.values()]
@@ -114,6 +116,7 @@ class ConsulDiscovery:
                     log.warning("consul service %r: no answer within %.1fs; its upstreams "
                                 "answer 503 until Consul does", watch.service,
                                 self.settings.startup_wait)
+        return [w.service for w in self.watches.values() if not w.first_answer.is_set()]
 
     async def _register(self, admin_address: tuple[str, int], public_port: int) -> None:
         spec = self.settings.self_register
