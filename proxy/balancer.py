@@ -59,9 +59,6 @@ class Balancer:
                 return backend
         return backends[self._panic_next]
 
-    def by_id(self) -> dict[str, Backend]:
-        return {b.id: b for b in self.backends}
-
     def __repr__(self) -> str:
         inner: Sequence[Backend] = self.backends
         return f"Balancer({self.name!r}, {type(self.strategy).__name__}, {list(inner)!r})"

@@ -689,10 +689,8 @@ class _Exchange:
         upstream = self.upstream
         if attempt >= upstream.max_attempts:
             return False
-        if kind == "status":
-            if not upstream.retry_statuses:
-                return False
-        elif kind not in upstream.retry_on:
+        # (a "status" kind only arises for a status in retry_statuses)
+        if kind != "status" and kind not in upstream.retry_on:
             return False
         # After something was sent, only idempotent requests (RFC 9110 §9.2.2) go
         # again, and a body only when all of it was kept.

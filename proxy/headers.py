@@ -21,7 +21,7 @@ Field names with an underscore are dropped unless `underscores_in_headers` is on
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -32,7 +32,6 @@ __all__ = [
     "IPNetwork",
     "ResponseHeaderFilter",
     "build_request_head",
-    "connection_tokens",
     "is_trusted",
     "response_head_block",
 ]
@@ -62,15 +61,6 @@ _DROP_UNTRUSTED = _DROP_REQUEST | CLIENT_ASSERTED
 _DROP_TRUSTED = _DROP_REQUEST | {b"forwarded", b"x-real-ip"}
 _DROP_RESPONSE = HOP_BY_HOP | {b"via", b"content-length"}
 _VIA = b"1.1 bascule"
-
-
-def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
-    """Lower-cased field names listed in every Connection header."""
-    tokens: set[bytes] = set()
-    for name, value in headers:
-        if name.lower() == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
-    return frozenset(tokens)
 
 
 @lru_cache(maxsize=4096)

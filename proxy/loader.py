@@ -31,8 +31,18 @@ def load(group: str, name: str) -> Any:
         except AttributeError:
             raise ValueError(f"module {module_name!r} has no attribute {attr!r}") from None
     matches = [ep for ep in entry_points(group=group) if ep.name == name]
+    kind = {"bascule.strategies": "strategy", "bascule.plugins": "plugin"}.get(group, "name")
     if not matches:
         names = ", ".join(available(group)) or "none installed"
-        kind = {"bascule.strategies": "strategy", "bascule.plugins": "plugin"}.get(group, "name")
         raise ValueError(f"unknown {kind} {name!r} (available: {names})")
+    if len({ep.value for ep in matches}) > 1:
+        # Two packages claim the name: which one wins must not depend on install order.
+        claims = " and ".join(f"{_dist_name(ep)} ({ep.value})" for ep in matches)
+        raise ValueError(f"{kind} {name!r} is registered by more than one package: {claims}; "
+                         f'uninstall one, or name the class as "package.module:Class"')
     return matches[0].load()
+
+
+def _dist_name(ep: Any) -> str:
+    dist = getattr(ep, "dist", None)
+    return str(dist.name) if dist is not None else "an unknown package"
