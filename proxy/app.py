@@ -20,7 +20,7 @@ from proxy.headers import HeaderPolicy, IPNetwork
 from proxy.health import HealthMonitor
 from proxy.loader import PLUGIN_GROUP, STRATEGY_GROUP, load
 from proxy.models import Backend, BackendSet
-from proxy.plugin import Plugin, PluginContext
+from proxy.plugin import Plugin, PluginContext, PluginSeams, quick_answers
 from proxy.routing import Route, RouteTable
 from proxy.strategy import Strategy
 from proxy.upstream.connection import ResponseLimits
@@ -83,6 +83,7 @@ class Runtime:
     discovery: ConsulDiscovery | None = None
     chains: dict[str, tuple[Plugin, ...]] = field(default_factory=dict)  # route -> plugins
     plugins: dict[str, Plugin] = field(default_factory=dict)  # every built plugin, by name
+    seams: PluginSeams = field(default_factory=PluginSeams)  # the plugins by capability
     # route -> the outermost plugin's (quick_answer, quick_fetch or None), plugin.py
     quick: dict[str, Any] = field(default_factory=dict)
     file: str = ""
@@ -98,19 +99,15 @@ class Runtime:
 
     async def start_plugins(self, metrics: Any) -> None:
         context = PluginContext(redis=self.config.redis, metrics=metrics)
-        for plugin in self.plugins.values():
-            start = getattr(plugin, "start", None)
-            if start is not None:
-                await start(context)
+        for plugin in self.seams.starting.values():
+            await plugin.start(context)
 
     async def aclose(self) -> None:
-        for name, plugin in self.plugins.items():
-            close = getattr(plugin, "aclose", None)
-            if close is not None:
-                try:
-                    await close()
-                except Exception:  # one plugin's failure must not stop the others closing
-                    log.exception("plugin %s failed to close", name)
+        for name, plugin in self.seams.closing.items():
+            try:
+                await plugin.aclose()
+            except Exception:  # one plugin's failure must not stop the others closing
+                log.exception("plugin %s failed to close", name)
         for upstream in self.upstreams.values():
             await upstream.health.stop()
         if self.discovery is not None:
@@ -277,8 +274,9 @@ def build_runtime(config: Config, file: str) -> Runtime:
     return Runtime(
         config=config, server=config.server, routes=routes, upstreams=upstreams,
         discovery=discovery, chains=chains, plugins=built,
-        quick={name: (chain[0].quick_answer, getattr(chain[0], "quick_fetch", None))
-               for name, chain in chains.items() if hasattr(chain[0], "quick_answer")},
+        seams=PluginSeams.of(built),
+        quick={name: quick for name, chain in chains.items()
+               if (quick := quick_answers(chain)) is not None},
         trusted=config.server.trusted_networks(), file=file,
         config_hash=hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:16],
         loaded_at=time.time(),

@@ -8,30 +8,45 @@ and every plugin is testable without sockets.
 
 Routes without plugins never build these objects: they keep the direct path.
 
-Quick answers: the outermost plugin of a route may define a synchronous
-`quick_answer(method, host, target, headers, route)` returning (status, reason bytes,
-header block bytes, body, has Date) or None. It runs before any of the chain's objects
-exist, for requests without a body; a cache answers fresh hits from memory this way.
-It may also define `async quick_fetch(method, host, target, headers, route, memo)`,
-awaited when quick_answer had none, with the same result; what it puts in `memo`
-reaches the chain as `ProxyRequest.extra` (a cache passes on what it read from Redis,
-so a miss costs one read, not two).
+What a plugin may do beyond `__call__` is declared here as small Protocols, detected
+once when the runtime is built (`PluginSeams.of`), never probed per request; the
+engine names no plugin:
 
-Lifecycle: a plugin may define `async start(context)` (called in the worker once its
-event loop runs, before the plugin serves a request: open connections there) and
-`async aclose()` (called when its runtime retires after a reload, or at shutdown).
+- `StartsWithRuntime.start(context)`: called in the worker once its event loop runs,
+  before the plugin serves a request (open connections there). For a reload it runs
+  while preparing; if it raises, the reload fails and nothing changes.
+- `ClosesWithRuntime.aclose()`: called when its runtime retires after a reload, at
+  shutdown, or when a prepared runtime is discarded.
+- `CarriesOverReload.adopt(previous)`: at a reload's commit, the plugin of the same
+  name in the old runtime is handed over (a memory cache keeps its entries).
+- `AnswersEarly.quick_answer(method, host, target, headers, route)`: for the
+  outermost plugin of a route, a synchronous answer (`QuickAnswer`: status, reason
+  bytes, header block bytes, body, has Date) or None, before any of the chain's
+  objects exist. Only ever asked for GET and HEAD requests without a body (RFC 9111
+  §4: an unsafe method must reach the origin). A cache answers fresh hits this way.
+- `FetchesEarly.quick_fetch(..., memo)`: the same, awaited when quick_answer had
+  none; what it puts in `memo` reaches the chain as `ProxyRequest.extra` (a cache
+  passes on what it read from Redis, so a miss costs one read, not two).
+- `Purgeable.purge(url=, prefix=, tag=)` for `POST /cache/purge` on the admin
+  listener, and `purge_is_local()`: True when the plugin's state lives in each worker
+  (the purge is then broadcast to every worker).
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from multidict import CIMultiDict
 
-__all__ = ["Handler", "Plugin", "PluginContext", "PluginFactory", "ProxyRequest",
-           "ProxyResponse"]
+__all__ = ["AnswersEarly", "CarriesOverReload", "ClosesWithRuntime", "FetchesEarly",
+           "Handler", "Plugin", "PluginContext", "PluginFactory", "PluginSeams",
+           "ProxyRequest", "ProxyResponse", "Purgeable", "QuickAnswer", "StartsWithRuntime",
+           "quick_answers"]
+
+# (status, reason, header block, body, has Date): an answer given before the chain
+QuickAnswer = tuple[int, bytes, bytes, bytes, bool]
 
 
 @dataclass
@@ -82,3 +97,71 @@ class PluginFactory(Protocol):
     ValueError("option: message") for a bad option (reported with its key path)."""
 
     def __call__(self, options: dict[str, Any]) -> Plugin: ...
+
+
+@runtime_checkable
+class StartsWithRuntime(Protocol):
+    async def start(self, context: PluginContext) -> None: ...
+
+
+@runtime_checkable
+class ClosesWithRuntime(Protocol):
+    async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class CarriesOverReload(Protocol):
+    def adopt(self, previous: object) -> None: ...
+
+
+@runtime_checkable
+class AnswersEarly(Protocol):
+    def quick_answer(self, method: str, host: str, target: str, headers: Any,
+                     route: str) -> QuickAnswer | None: ...
+
+
+@runtime_checkable
+class FetchesEarly(Protocol):
+    async def quick_fetch(self, method: str, host: str, target: str, headers: Any,
+                          route: str, memo: dict[str, Any]) -> QuickAnswer | None: ...
+
+
+@runtime_checkable
+class Purgeable(Protocol):
+    async def purge(self, *, url: str | None = None, prefix: str | None = None,
+                    tag: str | None = None) -> int: ...
+
+    def purge_is_local(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class PluginSeams:
+    """A runtime's built plugins by what each declared, found once when the runtime
+    is built: the engine calls these, never probing attributes."""
+
+    starting: dict[str, StartsWithRuntime] = field(default_factory=dict)
+    closing: dict[str, ClosesWithRuntime] = field(default_factory=dict)
+    adopting: dict[str, CarriesOverReload] = field(default_factory=dict)
+    purgeable: dict[str, Purgeable] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, plugins: dict[str, Any]) -> PluginSeams:
+        return cls(
+            starting={n: p for n, p in plugins.items() if isinstance(p, StartsWithRuntime)},
+            closing={n: p for n, p in plugins.items() if isinstance(p, ClosesWithRuntime)},
+            adopting={n: p for n, p in plugins.items() if isinstance(p, CarriesOverReload)},
+            purgeable={n: p for n, p in plugins.items() if isinstance(p, Purgeable)},
+        )
+
+    @property
+    def any_local_purge(self) -> bool:
+        return any(p.purge_is_local() for p in self.purgeable.values())
+
+
+def quick_answers(chain: tuple[Any, ...]) -> tuple[Any, Any] | None:
+    """(quick_answer, quick_fetch or None) of a chain's outermost plugin, if it
+    answers early (found once per route at build time)."""
+    first = chain[0] if chain else None
+    if not isinstance(first, AnswersEarly):
+        return None
+    return first.quick_answer, first.quick_fetch if isinstance(first, FetchesEarly) else None

@@ -18,6 +18,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from proxy.plugin import Purgeable
+
 __all__ = ["PURGE_DIR_ENV", "PurgeBroadcast", "PurgeSpec", "apply_purge"]
 
 PURGE_DIR_ENV = "BASCULE_PURGE_DIR"
@@ -40,13 +42,11 @@ class PurgeSpec:
         return spec
 
 
-async def apply_purge(plugins: dict[str, Any], spec: PurgeSpec) -> dict[str, int]:
-    """Purge in every cache plugin of the runtime: entries removed per plugin."""
+async def apply_purge(plugins: dict[str, Purgeable], spec: PurgeSpec) -> dict[str, int]:
+    """Purge in every purgeable plugin of the runtime: entries removed per plugin."""
     removed: dict[str, int] = {}
     for name, plugin in plugins.items():
-        purge = getattr(plugin, "purge", None)
-        if purge is None:
-            continue
+        purge = plugin.purge
         count = 0
         for url in spec.urls:
             count += await purge(url=url)

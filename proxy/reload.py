@@ -61,11 +61,10 @@ def carry_over(old: Runtime, new: Runtime) -> None:
     """Keep what survives a reload: Backend objects (stats, health), connection
     pools of backends whose identity and pool settings are unchanged, and what a
     plugin of the same name chooses to adopt (the cache keeps its memory store)."""
-    for name, plugin in new.plugins.items():
+    for name, plugin in new.seams.adopting.items():
         previous_plugin = old.plugins.get(name)
-        adopt = getattr(plugin, "adopt", None)
-        if previous_plugin is not None and adopt is not None:
-            adopt(previous_plugin)
+        if previous_plugin is not None:
+            plugin.adopt(previous_plugin)
     for name, upstream in new.upstreams.items():
         previous = old.upstreams.get(name)
         if previous is None:

@@ -452,13 +452,13 @@ class Edge:
             spec = PurgeSpec.from_query(request.query)
         except ValueError as exc:
             return web.json_response({"error": str(exc)}, status=400)
-        plugins = self.forwarder.runtime.plugins
+        seams = self.forwarder.runtime.seams
         try:
-            removed = await apply_purge(plugins, spec)
+            removed = await apply_purge(seams.purgeable, spec)
         except Exception as exc:  # the store is down: say so, do not pretend
             log.warning("cache purge failed: %r", exc)
             return web.json_response({"error": f"{type(exc).__name__}: {exc}"}, status=503)
-        local = any(getattr(p, "store_kind", "") == "memory" for p in plugins.values())
+        local = seams.any_local_purge
         if local and self.supervised and self.purges.enabled:
             self.purges.send(spec)
         return web.json_response({"purged": removed, "broadcast": local and self.supervised})
@@ -467,7 +467,7 @@ class Edge:
         """SIGUSR1: another worker purged its memory cache; do the same here."""
         for spec in self.purges.receive():
             asyncio.get_running_loop().create_task(
-                apply_purge(self.forwarder.runtime.plugins, spec))
+                apply_purge(self.forwarder.runtime.seams.purgeable, spec))
 
     async def drain(self, timeout: float) -> None:
         """Stop accepting, let in-flight requests finish (up to timeout), close."""

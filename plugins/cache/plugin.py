@@ -152,6 +152,10 @@ class Cache:
         for route, count in hits.items():
             self._lookups(route, "hit", count)
 
+    def purge_is_local(self) -> bool:
+        """A memory store lives in each worker: a purge must reach every worker."""
+        return bool(self.store_kind == "memory")
+
     def adopt(self, previous: Any) -> None:
         """After a reload with the same options, keep the memory store's entries."""
         if (isinstance(previous, Cache) and previous.options == self.options
