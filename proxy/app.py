@@ -193,40 +193,31 @@ def build_plugins(config: Config, file: str) -> dict[str, Plugin]:
     problems: list[ConfigProblem] = []
     built: dict[str, Plugin] = {}
     for i, spec in enumerate(config.plugins):
+        # An entry written as a table of its own ([cache]) is reported there.
+        use_path = spec.key_path or f"plugins[{i}].use"
+        options_path = spec.key_path or f"plugins[{i}].options"
         try:
             factory = load(PLUGIN_GROUP, spec.use)
         except ValueError as exc:
-            problems.append(ConfigProblem(file, f"plugins[{i}].use", str(exc)))
+            problems.append(ConfigProblem(file, use_path, str(exc)))
             continue
         try:
             plugin = factory(dict(spec.options))
         except ValueError as exc:
             option, sep, rest = str(exc).partition(": ")
             if sep and " " not in option:
-                problems.append(ConfigProblem(file, f"plugins[{i}].options.{option}", rest))
+                problems.append(ConfigProblem(file, f"{options_path}.{option}", rest))
             else:
-                problems.append(ConfigProblem(file, f"plugins[{i}].options", str(exc)))
+                problems.append(ConfigProblem(file, options_path, str(exc)))
             continue
         if not callable(plugin):
-            problems.append(ConfigProblem(file, f"plugins[{i}].use",
+            problems.append(ConfigProblem(file, use_path,
                                           f"{spec.use!r} did not build a callable plugin"))
             continue
         built[spec.name] = plugin
     if problems:
         raise ConfigError(problems)
     return built
-
-
-def build_cache(config: Config, file: str) -> Plugin:
-    """The `[cache]` table's cache, for routes with `cache = true`."""
-    factory = load(PLUGIN_GROUP, "cache")
-    try:
-        return factory(dict(config.cache))  # type: ignore[no-any-return]
-    except ValueError as exc:
-        option, sep, rest = str(exc).partition(": ")
-        if sep and " " not in option:
-            raise ConfigError([ConfigProblem(file, f"cache.{option}", rest)]) from None
-        raise ConfigError([ConfigProblem(file, "cache", str(exc))]) from None
 
 
 def build_runtime(config: Config, file: str) -> Runtime:
@@ -260,14 +251,8 @@ def build_runtime(config: Config, file: str) -> Runtime:
         for i, r in enumerate(config.routes)
     ])
     built = build_plugins(config, file)
-    wanted = [(route, [*route.plugins, *(["cache"] if cfg.cache else [])])
-              for route, cfg in zip(routes.routes, config.routes, strict=True)]
-    if "cache" not in built and any("cache" in names for _, names in wanted):
-        built["cache"] = build_cache(config, file)
-    elif config.cache:
-        build_cache(config, file)  # unused, but a mistake in it is still reported
-    chains = {route.name: tuple(built[p] for p in dict.fromkeys(names))
-              for route, names in wanted if names}
+    chains = {route.name: tuple(built[p] for p in dict.fromkeys(route.plugins))
+              for route in routes.routes if route.plugins}
     discovery = (ConsulDiscovery(config, upstreams)
                  if any(u.config.consul for u in upstreams.values()) or (
                      config.consul.self_register is not None) else None)

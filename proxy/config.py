@@ -18,6 +18,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
 )
@@ -409,6 +410,13 @@ class PluginConfig(_Strict):
     name: str = Field(min_length=1)
     use: str = Field(min_length=1)  # an entry point in `bascule.plugins` or "pkg.mod:Attr"
     options: dict[str, Any] = Field(default_factory=dict)
+    # Where the user wrote this entry, when not in [[plugins]] (the [cache] table): its
+    # errors are reported there.
+    _key_path: str | None = PrivateAttr(default=None)
+
+    @property
+    def key_path(self) -> str | None:
+        return self._key_path
 
 
 class RedisConfig(_Strict):
@@ -576,6 +584,32 @@ def _listen_problems(config: Config, file: str) -> list[ConfigProblem]:
     return problems
 
 
+# The plugin the [cache] table and `cache = true` stand for: an entry point name in
+# `bascule.plugins`, resolved by the loader like any [[plugins]] `use`.
+_CACHE_TABLE_PLUGIN = "cache"
+
+
+def _table_plugins(config: Config, file: str) -> tuple[Config, list[ConfigProblem]]:
+    """`[cache]` and a route's `cache = true` are shorthand, expanded here and only
+    here into an ordinary [[plugins]] entry named "cache" (options: the table) and
+    that name last in the route's plugins: past this point nothing treats the cache
+    apart from other plugins."""
+    name = _CACHE_TABLE_PLUGIN
+    defined = any(p.name == name for p in config.plugins)
+    if defined and config.cache:
+        return config, [ConfigProblem(file, "cache", "unused: [[plugins]] already "
+                                      f"defines a plugin named {name!r}")]
+    plugins = list(config.plugins)
+    wanted = any(r.cache or name in r.plugins for r in config.routes)
+    if not defined and (wanted or config.cache):
+        entry = PluginConfig(name=name, use=_CACHE_TABLE_PLUGIN, options=dict(config.cache))
+        entry._key_path = "cache"
+        plugins.append(entry)
+    routes = [r.model_copy(update={"plugins": list(dict.fromkeys([*r.plugins, name]))})
+              if r.cache else r for r in config.routes]
+    return config.model_copy(update={"plugins": plugins, "routes": routes}), []
+
+
 def parse_config(data: dict[str, Any], file: str) -> Config:
     """Validate a parsed TOML document; raise ConfigError listing every problem."""
     problems: list[ConfigProblem] = []
@@ -590,6 +624,8 @@ def parse_config(data: dict[str, Any], file: str) -> Config:
     problems += _cross_check(data, file)
     if config is not None:
         problems += _listen_problems(config, file)
+        config, table_problems = _table_plugins(config, file)
+        problems += table_problems
     if problems or config is None:
         raise ConfigError(problems)
     return config

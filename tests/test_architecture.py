@@ -27,3 +27,37 @@ def test_builtin_strategies_are_registered_entry_points() -> None:
 
     assert {"round_robin", "random"} <= set(available(STRATEGY_GROUP))
     assert load(STRATEGY_GROUP, "round_robin").__name__ == "RoundRobin"
+
+
+def test_proxy_never_looks_a_plugin_up_by_a_literal_name() -> None:
+    """The engine reaches plugins only through config entries: no `load(GROUP,
+    "name")` with a literal name, and no plugin attribute probed with getattr/hasattr
+    (what a plugin may do is declared in proxy/plugin.py and found once)."""
+    offenders = []
+    for file in (ROOT / "proxy").rglob("*.py"):
+        for node in ast.walk(ast.parse(file.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            name = func.id if isinstance(func, ast.Name) else (
+                func.attr if isinstance(func, ast.Attribute) else "")
+            args = node.args
+            if name == "load" and len(args) >= 2 and isinstance(args[1], ast.Constant):
+                offenders.append(f"{file.name}:{node.lineno}: load(..., {args[1].value!r})")
+            if (name in ("getattr", "hasattr") and len(args) >= 2
+                    and isinstance(args[0], ast.Name) and "plugin" in args[0].id.lower()):
+                offenders.append(f"{file.name}:{node.lineno}: {name}({args[0].id}, ...)")
+    assert offenders == []
+
+
+def test_the_cache_table_is_an_ordinary_plugin_entry() -> None:
+    from proxy.app import build_runtime
+    from proxy.config import parse_config
+
+    config = parse_config({"cache": {"memory_max_size": "1MiB"},
+                           "routes": [{"upstream": "a", "cache": True, "plugins": []}],
+                           "upstreams": {"a": {"backends": ["127.0.0.1:1"]}}}, "f.toml")
+    assert [(p.name, p.use) for p in config.plugins] == [("cache", "cache")]
+    assert config.routes[0].plugins == ["cache"]
+    runtime = build_runtime(config, "f.toml")
+    assert list(runtime.chains) == ["routes[0]"] and "cache" in runtime.seams.purgeable

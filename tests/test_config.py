@@ -166,3 +166,10 @@ def test_admin_on_another_port_of_the_same_host_is_fine() -> None:
 def test_path_prefix_must_be_normalised(prefix: str) -> None:
     [problem] = problems({**GOOD, "routes": [{"upstream": "api", "path_prefix": prefix}]})
     assert problem.startswith("f.toml: routes[0].path_prefix: must be a normalised path")
+
+
+def test_a_cache_table_beside_a_cache_plugin_entry_is_reported() -> None:
+    data = {**GOOD, "cache": {"memory_max_size": "1MiB"},
+            "plugins": [{"name": "cache", "use": "cache"}]}
+    assert problems(data) == [
+        "f.toml: cache: unused: [[plugins]] already defines a plugin named 'cache'"]
