@@ -20,7 +20,7 @@ from proxy.headers import HeaderPolicy, IPNetwork
 from proxy.health import HealthMonitor
 from proxy.loader import PLUGIN_GROUP, STRATEGY_GROUP, load
 from proxy.models import Backend, BackendSet
-from proxy.plugin import Plugin, PluginContext, PluginSeams, quick_answers
+from proxy.plugin import Handler, Plugin, PluginContext, PluginSeams, quick_answers
 from proxy.routing import Route, RouteTable
 from proxy.strategy import Strategy
 from proxy.upstream.connection import ResponseLimits
@@ -82,6 +82,9 @@ class Runtime:
     trusted: tuple[IPNetwork, ...]
     discovery: ConsulDiscovery | None = None
     chains: dict[str, tuple[Plugin, ...]] = field(default_factory=dict)  # route -> plugins
+    # route -> its chain composed around the forwarder's terminal step (once, when
+    # the runtime starts serving)
+    handlers: dict[str, Handler] = field(default_factory=dict)
     plugins: dict[str, Plugin] = field(default_factory=dict)  # every built plugin, by name
     seams: PluginSeams = field(default_factory=PluginSeams)  # the plugins by capability
     # route -> the outermost plugin's (quick_answer, quick_fetch or None), plugin.py

@@ -7,7 +7,6 @@ by chunk in both directions, with backpressure both ways.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 import random
@@ -125,11 +124,51 @@ class Outcome:
 class Forwarder:
     def __init__(self, runtime: Runtime, metrics: Metrics | None = None,
                  access_log: AccessLog | None = None) -> None:
-        self.runtime = runtime
         self.metrics = metrics or Metrics(multiprocess=False, enabled=False)
+        self.runtime = runtime
         self.access_log = access_log
         self._id_prefix = os.urandom(8).hex().encode()
         self._id_counter = 0
+
+    @property
+    def runtime(self) -> Runtime:
+        return self._runtime
+
+    @runtime.setter
+    def runtime(self, runtime: Runtime) -> None:
+        """Serve `runtime` (a reload's commit is this one assignment); each route's
+        chain is composed once here, ending in the terminal step that forwards."""
+        if runtime.chains and not runtime.handlers:
+            runtime.handlers = {name: compose_chain(chain, self._terminal)
+                                for name, chain in runtime.chains.items()}
+        self._runtime = runtime
+
+    async def _terminal(self, preq: ProxyRequest) -> ProxyResponse:
+        """The chain's last step: what the plugins made of the request goes upstream
+        (method, target and headers), and the response comes back as a
+        ProxyResponse whose body streams from the backend."""
+        call: _ChainCall = preq.engine
+        line, rest, host = call.request_line, call.head_rest, call.client_host
+        original = call.request._message.method
+        method = preq.method
+        if method != original:
+            _check_method_change(original, method)
+        if preq.target != call.target or method != original:
+            line = (method.encode("ascii") + b" " + preq.target.encode("utf-8", "surrogateescape")
+                    + b" HTTP/1.1\r\n")
+        if list(preq.headers.items()) != list(call.headers.items()):
+            raw = [(k.encode("utf-8", "surrogateescape"), v.encode("utf-8", "surrogateescape"))
+                   for k, v in preq.headers.items()]
+            runtime = call.runtime
+            rest, host, _ = build_request_head(
+                raw, peer=call.peer, trusted_peer=is_trusted(call.peer, runtime.trusted),
+                framing=call.framing, request_id=call.request_id,
+                policy=runtime.header_policy)
+        exchange = _Exchange(call.request, call.route, call.upstream, call.runtime, line,
+                             rest, host, call.has_body, call.chunked, call.hash_key,
+                             self.metrics, call.outcome, call.body, call.body_done,
+                             call.continue_sent, method)
+        return await exchange.run_to_proxy_response()
 
     async def _write_proxy_response(self, request: web.BaseRequest, response: ProxyResponse,
                                     outcome: Outcome) -> web.StreamResponse:
@@ -366,38 +405,17 @@ class Forwarder:
         chain = runtime.chains.get(route.name) if runtime.chains else None
         try:
             if chain:
-                trusted = is_trusted(peer, runtime.trusted)
-
-                async def terminal(preq: ProxyRequest) -> ProxyResponse:
-                    # What the plugins changed in the request goes upstream.
-                    line, rest, host = request_line, head_rest, client_host
-                    method = preq.method
-                    if method != message.method:
-                        _check_method_change(message.method, method)
-                    if preq.target != target or method != message.method:
-                        line = (method.encode("ascii") + b" "
-                                + preq.target.encode("utf-8", "surrogateescape")
-                                + b" HTTP/1.1\r\n")
-                    if list(preq.headers.items()) != list(chain_headers.items()):
-                        raw = [(k.encode("utf-8", "surrogateescape"),
-                                v.encode("utf-8", "surrogateescape"))
-                               for k, v in preq.headers.items()]
-                        rest, host, _ = build_request_head(
-                            raw, peer=peer, trusted_peer=trusted, framing=framing,
-                            request_id=request_id, policy=runtime.header_policy)
-                    exchange = _Exchange(request, route, upstream, runtime, line, rest, host,
-                                         has_body, chunked, hash_key, self.metrics, outcome,
-                                         body, body_done, continue_sent, method)
-                    return await exchange.run_to_proxy_response()
-
-                handler: Handler = terminal
-                for plugin in reversed(chain):
-                    handler = functools.partial(_call_plugin, plugin, handler)
                 chain_headers = CIMultiDict(headers)
                 if authority:  # what the backend gets as Host (RFC 9112 §3.2.2)
                     chain_headers["Host"] = host_header
+                call = _ChainCall(request, route, upstream, runtime, outcome, target,
+                                  request_line, head_rest, client_host, chain_headers,
+                                  framing, request_id, peer, has_body, chunked, hash_key,
+                                  body, body_done, continue_sent)
                 proxy_request = ProxyRequest(message.method, target, chain_headers.copy(),
-                                             peer, route.name, upstream.name, memo or {})
+                                             peer, route.name, upstream.name, memo or {},
+                                             engine=call)
+                handler = runtime.handlers[route.name]
                 return await self._write_proxy_response(request, await handler(proxy_request),
                                                         outcome)
             exchange = _Exchange(request, route, upstream, runtime, request_line, head_rest,
@@ -458,9 +476,54 @@ def _check_method_change(original: str, method: str) -> None:
                           "not to or from HEAD")
 
 
-async def _call_plugin(plugin: Plugin, call_next: Handler,
-                       request: ProxyRequest) -> ProxyResponse:
-    return await plugin(request, call_next)
+def compose_chain(chain: tuple[Plugin, ...], terminal: Handler) -> Handler:
+    """One handler for a route: its plugins, outermost first, around `terminal`."""
+    handler = terminal
+    for plugin in reversed(chain):
+        handler = _step(plugin, handler)
+    return handler
+
+
+def _step(plugin: Plugin, call_next: Handler) -> Handler:
+    async def step(request: ProxyRequest) -> ProxyResponse:
+        return await plugin(request, call_next)
+    return step
+
+
+class _ChainCall:
+    """What the chain's terminal step needs of one request beyond the ProxyRequest
+    the plugins see and may change."""
+
+    __slots__ = ("body", "body_done", "chunked", "client_host", "continue_sent", "framing",
+                 "has_body", "hash_key", "head_rest", "headers", "outcome", "peer",
+                 "request", "request_id", "request_line", "route", "runtime", "target",
+                 "upstream")
+
+    def __init__(self, request: web.BaseRequest, route: Route, upstream: Upstream,
+                 runtime: Runtime, outcome: Outcome, target: str, request_line: bytes,
+                 head_rest: bytes, client_host: bytes, headers: CIMultiDict[str],
+                 framing: bytes, request_id: bytes, peer: str, has_body: bool,
+                 chunked: bool, hash_key: str | None, body: list[bytes] | None,
+                 body_done: bool, continue_sent: bool) -> None:
+        self.request = request
+        self.route = route
+        self.upstream = upstream
+        self.runtime = runtime
+        self.outcome = outcome
+        self.target = target
+        self.request_line = request_line
+        self.head_rest = head_rest
+        self.client_host = client_host
+        self.headers = headers  # as the chain was given them (changes are detected)
+        self.framing = framing
+        self.request_id = request_id
+        self.peer = peer
+        self.has_body = has_body
+        self.chunked = chunked
+        self.hash_key = hash_key
+        self.body = body
+        self.body_done = body_done
+        self.continue_sent = continue_sent
 
 
 class _UpstreamBody:

@@ -58,6 +58,9 @@ class ProxyRequest:
     route: str  # the route's name
     upstream: str  # the upstream's name
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. what quick_fetch looked up
+    # The engine's own state for this request (for the chain's terminal step): not
+    # for plugins to read or change.
+    engine: Any = field(default=None, repr=False, compare=False)
 
 
 @dataclass

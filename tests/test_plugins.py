@@ -158,3 +158,15 @@ async def test_plugin_config_errors(plugins: str, route_plugins: str, expected: 
     assert any(str(p).startswith(expected) for p in err.value.problems), err.value.problems
 
 
+
+
+async def test_chains_are_composed_once_per_route(edge: Edge) -> None:
+    """Each route's chain is composed when its runtime starts serving, not per
+    request: the same handler serves every request of the route."""
+    handlers = dict(edge.runtime.handlers)
+    assert set(handlers) == {"routes[1]", "routes[2]"}  # the routes with plugins
+    async with aiohttp.ClientSession() as session:
+        for _ in range(3):
+            async with session.get(edge_url(edge) + "/x") as resp:
+                assert resp.status == 200
+    assert all(edge.runtime.handlers[name] is handler for name, handler in handlers.items())
