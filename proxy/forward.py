@@ -19,7 +19,6 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.accesslog import AccessLog, AccessRecord
-from proxy.app import Runtime, Upstream
 from proxy.errors import (
     AmbiguousPath,
     BadRequestBody,
@@ -42,7 +41,9 @@ from proxy.models import Backend
 from proxy.pathnorm import normal_form
 from proxy.plugin import Handler, Plugin, ProxyRequest, ProxyResponse
 from proxy.response import CompleteResponse, ProxiedResponse, plain_answer
+from proxy.retry import RetryDecision, decide_retry
 from proxy.routing import Route, normalise_host, strip_path_prefix
+from proxy.runtime import Runtime, Upstream
 from proxy.strategy import RequestContext
 from proxy.upstream.connection import InterimHead, ResponseHead, UpstreamConnection
 from proxy.upstream.pool import BackendPool
@@ -59,8 +60,6 @@ _SAFE_BODILESS: Final = frozenset({"GET", "HEAD"})
 _NO_BODY_STATUS: Final = frozenset({204, 304})
 # Quick answers up to this size go out in one transport write (CompleteResponse).
 _COMPLETE_WRITE_MAX: Final = 1024 * 1024
-# RFC 9110 §9.2.2: the methods a retry may repeat after something was sent
-_IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 
 def error_response(status: int, message: str, *, close: bool = False) -> web.StreamResponse:
@@ -750,31 +749,13 @@ class _Exchange:
 
     def _may_retry(self, attempt: int, kind: str, retrying: bool) -> bool:
         upstream = self.upstream
-        if attempt >= upstream.max_attempts:
-            return False
-        # (a "status" kind only arises for a status in retry_statuses)
-        if kind != "status" and kind not in upstream.retry_on:
-            return False
-        # After something was sent, only idempotent requests (RFC 9110 §9.2.2) go
-        # again, and a body only when all of it was kept.
-        if kind != "connect-failure":
-            if self.method not in _IDEMPOTENT:
-                return False
-            if self.has_body and not self.body_complete:
-                return False
-        if not retrying and kind in ("status", "timeout"):
-            # Retry budget (Envoy's): retries in flight may add at most budget_percent
-            # of the upstream's active requests, never less than min_retry_concurrency.
-            # It counts the retries that add load: after a 5xx or a timeout the first
-            # backend did (or still does) the work. A connect failure or a reset means
-            # that backend is gone, so failing over adds nothing and is not budgeted.
-            policy = upstream.retry
-            allowed = max(policy.min_retry_concurrency,
-                          policy.budget_percent / 100 * upstream.balancer.inflight)
-            if upstream.retries_active >= allowed:
-                self.metrics.record_budget_exhausted(upstream.name)
-                return False
-        return True
+        decision = decide_retry(
+            upstream.retry_rules, attempt=attempt, kind=kind, already_retrying=retrying,
+            method=self.method, has_body=self.has_body, body_kept=self.body_complete,
+            retries_active=upstream.retries_active, inflight=upstream.balancer.inflight)
+        if decision is RetryDecision.BUDGET_EXHAUSTED:
+            self.metrics.record_budget_exhausted(upstream.name)
+        return decision is RetryDecision.RETRY
 
     def _drop_attempt(self, backend: Backend, *, ok: bool) -> None:
         if self.conn is not None:

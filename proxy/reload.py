@@ -22,14 +22,16 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-from proxy.app import Runtime, build_runtime
+from proxy.app import build_runtime
 from proxy.config import load_config
 from proxy.errors import ConfigError
+from proxy.metrics import Metrics
 from proxy.models import BackendSet
+from proxy.runtime import Runtime
 
-__all__ = ["ReloadResult", "Reloader", "carry_over"]
+__all__ = ["ReloadHost", "ReloadResult", "Reloader", "carry_over"]
 
 log = logging.getLogger("bascule.reload")
 
@@ -92,8 +94,24 @@ def carry_over(old: Runtime, new: Runtime) -> None:
                     upstream.pools[backend_id] = previous.pools.pop(backend_id)
 
 
+class ReloadHost(Protocol):
+    """What a reload needs of the worker it reloads (server.Edge)."""
+
+    @property
+    def runtime(self) -> Runtime: ...  # the one being served
+
+    @property
+    def metrics(self) -> Metrics: ...
+
+    def start_health(self, runtime: Runtime) -> None: ...
+
+    def discovery_args(self) -> dict[str, Any]: ...
+
+    def commit(self, new: Runtime) -> None: ...  # serve `new` from now on
+
+
 class Reloader:
-    def __init__(self, edge: Any) -> None:
+    def __init__(self, edge: ReloadHost) -> None:
         self.edge = edge
         self.last: ReloadResult | None = None
         self._lock = asyncio.Lock()
@@ -108,7 +126,7 @@ class Reloader:
 
     async def _reload(self) -> ReloadResult:
         edge = self.edge
-        old: Runtime = edge.forwarder.runtime
+        old: Runtime = edge.runtime
         file = old.file
         loop = asyncio.get_running_loop()
         try:

@@ -9,8 +9,6 @@ serve, drain on SIGTERM)."""
 from __future__ import annotations
 
 import asyncio
-import hmac
-import ipaddress
 import logging
 import os
 import signal
@@ -21,18 +19,17 @@ from typing import Any
 from aiohttp import http_parser, web
 from aiohttp.http_exceptions import LineTooLong
 from aiohttp.web_protocol import RequestHandler
-from prometheus_client import CONTENT_TYPE_LATEST
 
-from proxy import __version__
 from proxy.accesslog import AccessLog
-from proxy.app import Runtime, sweep_forever
+from proxy.admin import AdminApi
 from proxy.config import ServerConfig, parse_hostport
 from proxy.forward import Forwarder
 from proxy.listeners import claim_port, listen_socket
 from proxy.metrics import Metrics, multiprocess_dir_is_set
-from proxy.purge import PurgeBroadcast, PurgeSpec, apply_purge
+from proxy.purge import PurgeBroadcast, apply_purge
 from proxy.reload import Reloader
 from proxy.response import plain_answer
+from proxy.runtime import Runtime, sweep_forever
 
 __all__ = ["BasculeServer", "Edge", "c_parser_in_use", "serve_worker"]
 
@@ -208,33 +205,16 @@ class BasculeServer(web.Server):
         return proto
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 class Edge:
     """One worker's listeners: the public edge, the admin listener, and the
     background duties (idle-pool sweeping, metrics flushing)."""
 
     def __init__(self, runtime: Runtime, *, multiprocess_metrics: bool = False,
                  worker_id: int = 0, supervised: bool = False) -> None:
-        self.runtime = runtime
         self.worker_id = worker_id
         self.supervised = supervised
         self.reloader = Reloader(self)
         self.purges = PurgeBroadcast()
-        admin_host = parse_hostport(runtime.config.admin.listen, default_host="0.0.0.0")[0]
-        self.admin_is_loopback = _is_loopback(admin_host)
-        token_file = runtime.config.admin.token_file
-        self.admin_token: str | None = None
-        if token_file:
-            with open(token_file, encoding="utf-8") as fh:
-                self.admin_token = fh.read().strip() or None
         cfg = runtime.server
         admin_cfg = runtime.config.admin
         self.metrics = Metrics(multiprocess=multiprocess_metrics,
@@ -258,7 +238,8 @@ class Edge:
             # briefly, so the client sees the response instead of a reset.
             lingering_time=2.0,
         )
-        self.admin = web.Server(self._admin, access_log=None)
+        self.admin_api = AdminApi(self, runtime.config.admin)
+        self.admin = web.Server(self.admin_api.handle, access_log=None)
         self.listeners: list[asyncio.Server] = []
         self.admin_listener: asyncio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -269,7 +250,7 @@ class Edge:
         supervisor before forking; without them (in-process use) each address is
         claimed here first, so that a port another process listens on is refused."""
         loop = asyncio.get_running_loop()
-        runtime = self.runtime
+        runtime = self.forwarder.runtime
         runtime.loop = loop
         self.metrics.watch(lambda: self.forwarder.runtime.live_backends(),
                            lambda: self.forwarder.runtime.backend_gauges())
@@ -305,6 +286,11 @@ class Edge:
         ]
         if runtime.server.watch_config and runtime.file and os.path.exists(runtime.file):
             self._tasks.append(loop.create_task(self._watch_config(self._file_stamp())))
+
+    @property
+    def runtime(self) -> Runtime:
+        """The runtime being served (one copy: the forwarder's, swapped by a reload)."""
+        return self.forwarder.runtime
 
     def start_health(self, runtime: Runtime) -> None:
         loop = asyncio.get_running_loop()
@@ -363,105 +349,6 @@ class Edge:
         while True:
             await asyncio.sleep(interval)
             self.metrics.flush()
-
-    def _refuse_mutation(self, request: web.BaseRequest) -> web.Response | None:
-        """The answer to a mutating endpoint's request when it must not go ahead
-        (not a POST, or not allowed), else None."""
-        if request.method != "POST":
-            return web.Response(status=405, text="method not allowed\n",
-                                headers={"Allow": "POST"})
-        return self._may_mutate(request)
-
-    def _may_mutate(self, request: web.BaseRequest) -> web.Response | None:
-        """Mutating endpoints need the bearer token unless the listener is loopback."""
-        if self.admin_is_loopback:
-            return None
-        if self.admin_token is None:
-            return web.Response(status=403, text="set admin.token_file to use this "
-                                "endpoint on a non-loopback admin listener\n")
-        return self._check_token(request)
-
-    def _may_read(self, request: web.BaseRequest) -> web.Response | None:
-        """/status and /metrics off loopback: the token too, when one is set and
-        admin.protect_reads is on (a listener without a token stays readable, as
-        Prometheus scrapers expect, but cannot mutate)."""
-        if (self.admin_is_loopback or self.admin_token is None
-                or not self.forwarder.runtime.config.admin.protect_reads):
-            return None
-        return self._check_token(request)
-
-    def _check_token(self, request: web.BaseRequest) -> web.Response | None:
-        # RFC 9110 §11.1: the scheme is case-insensitive; the token is compared in
-        # constant time so its bytes cannot be found by timing.
-        scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
-        expected = self.admin_token or ""
-        if scheme.lower() == "bearer" and hmac.compare_digest(
-                token.strip().encode(), expected.encode()):
-            return None
-        return web.Response(status=401, text="bearer token required\n",
-                            headers={"WWW-Authenticate": "Bearer"})
-
-    async def _admin(self, request: web.BaseRequest) -> web.StreamResponse:
-        path = request.path
-        if path == "/cache/purge":
-            return await self._purge(request)
-        if path == "/reload":
-            refusal = self._refuse_mutation(request)
-            if refusal is not None:
-                return refusal
-            result = await self.reloader.reload()
-            if result.changed and self.supervised:
-                # Every worker reloads: the supervisor passes SIGHUP on to all of
-                # them (this one finds its config current and does nothing more).
-                os.kill(os.getppid(), signal.SIGHUP)
-            return web.json_response(result.as_dict(), status=result.status)
-        if request.method not in ("GET", "HEAD"):
-            return web.Response(status=405, text="method not allowed\n",
-                                headers={"Allow": "GET, HEAD"})
-        if path == "/healthz":
-            if self.draining:
-                return web.Response(status=503, text="draining\n")
-            return web.Response(text="ok\n")
-        if path in ("/metrics", "/status"):
-            refusal = self._may_read(request)
-            if refusal is not None:
-                return refusal
-        if path == "/metrics":
-            if not self.metrics.enabled:
-                return web.Response(status=404, text="metrics are disabled\n")
-            self.metrics.flush()
-            # Reading every worker's files is file I/O: off the event loop.
-            body = await asyncio.get_running_loop().run_in_executor(
-                None, self.metrics.exposition)
-            return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-        if path == "/status":
-            document = self.forwarder.runtime.status()
-            document.update({
-                "version": __version__, "worker": self.worker_id, "pid": os.getpid(),
-                "draining": self.draining, "started_at": self.started_at,
-                "reload": self.reloader.last.as_dict() if self.reloader.last else None,
-            })
-            return web.json_response(document)
-        return web.Response(status=404, text="not found\n")
-
-    async def _purge(self, request: web.BaseRequest) -> web.Response:
-        refusal = self._refuse_mutation(request)
-        if refusal is not None:
-            return refusal
-        try:
-            spec = PurgeSpec.from_query(request.query)
-        except ValueError as exc:
-            return web.json_response({"error": str(exc)}, status=400)
-        seams = self.forwarder.runtime.seams
-        try:
-            removed = await apply_purge(seams.purgeable, spec)
-        except Exception as exc:  # the store is down: say so, do not pretend
-            log.warning("cache purge failed: %r", exc)
-            return web.json_response({"error": f"{type(exc).__name__}: {exc}"}, status=503)
-        local = seams.any_local_purge
-        if local and self.supervised and self.purges.enabled:
-            self.purges.send(spec)
-        return web.json_response({"purged": removed, "broadcast": local and self.supervised})
 
     def apply_broadcast_purges(self) -> None:
         """SIGUSR1: another worker purged its memory cache; do the same here."""

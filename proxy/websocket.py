@@ -15,12 +15,12 @@ from typing import Any
 import aiohttp
 from aiohttp import WSMsgType, web
 
-from proxy.app import Runtime, Upstream
 from proxy.errors import NoBackendError, UpstreamBusy, UpstreamConnectError
 from proxy.headers import HOP_BY_HOP, build_request_head, is_trusted
 from proxy.metrics import Metrics
 from proxy.response import plain_answer
 from proxy.routing import Route, strip_path_prefix
+from proxy.runtime import Runtime, Upstream
 from proxy.strategy import RequestContext
 
 __all__ = ["WebSocketRequest", "tunnel_websocket"]

@@ -61,3 +61,38 @@ def test_the_cache_table_is_an_ordinary_plugin_entry() -> None:
     assert config.routes[0].plugins == ["cache"]
     runtime = build_runtime(config, "f.toml")
     assert list(runtime.chains) == ["routes[0]"] and "cache" in runtime.seams.purgeable
+
+
+def _proxy_imports(module: str) -> set[str]:
+    """Modules of the proxy package that `module` imports, transitively."""
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        path = ROOT / (name.replace(".", "/") + ".py")
+        if not path.exists():
+            path = ROOT / name.replace(".", "/") / "__init__.py"
+        if not path.exists():
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and (
+                    node.module.startswith("proxy.")):
+                todo.append(node.module)
+            elif isinstance(node, ast.Import):
+                todo += [a.name for a in node.names if a.name.startswith("proxy.")]
+    return seen - {module}
+
+
+def test_the_request_path_never_imports_assembly() -> None:
+    """DESIGN.md §2: the engine imports the Runtime it serves from a leaf module;
+    assembly (config to Runtime, discovery, the loader, reload) sits above it."""
+    assembly = {"proxy.app", "proxy.reload", "proxy.loader", "proxy.workers", "proxy.cli"}
+    for engine in ("proxy.forward", "proxy.websocket", "proxy.runtime", "proxy.response",
+                   "proxy.upstream.connection", "proxy.upstream.pool"):
+        imported = _proxy_imports(engine)
+        bad = sorted(m for m in imported
+                     if m in assembly or m.startswith("proxy.discovery"))
+        assert bad == [], f"{engine} imports {bad}"
