@@ -1,8 +1,23 @@
 """One keep-alive HTTP/1.1 connection to a backend, as an asyncio protocol.
 
 An exchange is: `begin()` (new llhttp parser, head written), optional body writes with
-`drain()`, `read_head()`, `read_chunk()` until b"", then the pool decides from
-`reusable` whether the connection goes back to the idle list. Response framing
+`drain()`, `read_head()`, `read_chunk()` until b"", then `finish()` says whether the
+pool may put the connection back on its idle list.
+
+The exchange is a written state machine (`Phase`); the socket's own end is the
+separate fact `closed`, and a failure is `_error` (what read_head/read_chunk raise):
+
+    IDLE ──begin()──► AWAITING_HEAD ──1xx head──► AWAITING_HEAD (queued for relay)
+                          │   └──final head, body follows──► READING_BODY
+                          └──final head of HEAD/204/304──► COMPLETE
+    READING_BODY ──last body byte (length, last chunk, or close when close-delimited)──► COMPLETE
+    any ──finish() / close()──► IDLE
+
+Invariants that decide reuse — `finish()` is True only when all hold: the phase is
+COMPLETE; the request was sent whole; the backend allowed keep-alive; no error; the
+socket is open; no body byte is left unread; and nothing arrived after the response
+(`_discarding`). Bytes in IDLE close the connection; bytes in COMPLETE set
+`_discarding`. Response framing
 follows RFC 9112 §6.3: HEAD and 1xx/204/304 have no body; Content-Length or chunked
 delimit it; otherwise it runs to connection close (then the connection is not reused).
 All timeouts are a single loop timer re-armed per phase, not a task or context
@@ -23,6 +38,7 @@ the limit.
 from __future__ import annotations
 
 import asyncio
+import enum
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,7 +48,20 @@ import httptools
 from proxy.errors import UpstreamInvalidResponse, UpstreamProtocolError, UpstreamTimeout
 from proxy.headers import ResponseHeaderFilter
 
-__all__ = ["InterimHead", "ResponseHead", "ResponseLimits", "UpstreamConnection"]
+__all__ = ["InterimHead", "Phase", "ResponseHead", "ResponseLimits", "UpstreamConnection"]
+
+
+class Phase(enum.Enum):
+    """Where an upstream connection is in its exchange (module docstring)."""
+
+    IDLE = "idle"
+    AWAITING_HEAD = "awaiting head"
+    READING_BODY = "reading body"
+    COMPLETE = "complete"
+
+
+IDLE, AWAITING_HEAD, READING_BODY, COMPLETE = (
+    Phase.IDLE, Phase.AWAITING_HEAD, Phase.READING_BODY, Phase.COMPLETE)
 
 # Upstream body bytes buffered before we stop reading the socket (backpressure
 # from a slow client reaches the backend through TCP flow control).
@@ -90,7 +119,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.idle_since = 0.0
-        self.in_exchange = False
+        self.phase = IDLE
         self.received_any = False
         self._parser: httptools.HttpResponseParser | None = None
         self._is_head = False
@@ -110,7 +139,6 @@ class UpstreamConnection(asyncio.Protocol):
         self._raw_length = -1  # Content-Length of the body being received, once known
         self._raw_left = 0  # body bytes still expected once the parser is bypassed
         self._body_waiter: asyncio.Future[None] | None = None
-        self._complete = False
         self._keep_alive = False
         self._close_delimited = False
         self._error: BaseException | None = None
@@ -133,12 +161,13 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        if not self.in_exchange:
+        phase = self.phase
+        if phase is IDLE:
             # Bytes from an idle connection cannot be framed: the connection is unusable.
             self._fail(UpstreamProtocolError("unexpected data from backend"))
             self._report("bytes from an idle connection")
             return
-        if self._complete:
+        if phase is COMPLETE:
             self._after_response()
             return
         self.received_any = True
@@ -158,7 +187,7 @@ class UpstreamConnection(asyncio.Protocol):
             if sink is None:
                 self.on_body(data)
                 if self._raw_left == 0:
-                    self._complete = True
+                    self.phase = COMPLETE
                     self._wake_body()
                 return
             if sink.is_closing():
@@ -167,7 +196,7 @@ class UpstreamConnection(asyncio.Protocol):
             sink.write(data)
             self._last_data = self._loop.time()
             if self._raw_left == 0:
-                self._complete = True
+                self.phase = COMPLETE
                 self._wake_splice()
             elif sink.get_write_buffer_size() > self._sink_high:
                 # The client is slower than the backend: stop reading until it drains.
@@ -180,7 +209,7 @@ class UpstreamConnection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)  # type: ignore[union-attr]
         except httptools.HttpParserUpgrade:
-            if self._complete:
+            if self.phase is COMPLETE:
                 self._after_response()
             else:
                 self._fail(UpstreamInvalidResponse("backend switched protocols unexpectedly"))
@@ -189,7 +218,7 @@ class UpstreamConnection(asyncio.Protocol):
             cause = exc.__context__
             if isinstance(cause, UpstreamInvalidResponse):
                 self._fail(cause)
-            elif self._complete:
+            elif self.phase is COMPLETE:
                 # _StopParsing, or llhttp refusing bytes after a `Connection: close`
                 # response: either way the response is whole and nothing follows it.
                 self._after_response()
@@ -203,7 +232,7 @@ class UpstreamConnection(asyncio.Protocol):
                 self._fail(UpstreamInvalidResponse(
                     "response head over max_response_header_size"))
                 return
-        if self._raw_length >= 0 and not self._complete:
+        if self._raw_length >= 0 and self.phase is READING_BODY:
             self._raw_left = self._raw_length - self._body_seen
             self._raw_length = -1
 
@@ -214,9 +243,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = True
         self._cancel_timer()
         self._cancel_total()
-        if self.in_exchange and not self._complete and self._error is None:
-            if self._head is not None and self._close_delimited:
-                self._complete = True
+        phase = self.phase
+        if phase is not IDLE and phase is not COMPLETE and self._error is None:
+            if phase is READING_BODY and self._close_delimited:
+                self.phase = COMPLETE
                 self._keep_alive = False
                 self._wake_body()
                 self._wake_splice()
@@ -244,7 +274,7 @@ class UpstreamConnection(asyncio.Protocol):
     # _new_fields), so each header costs one call and no second pass.
 
     def on_message_begin(self) -> None:
-        if self._complete:
+        if self.phase is COMPLETE:
             raise _StopParsing  # a second response: never merged into the first
 
     def on_headers_complete(self) -> None:
@@ -277,8 +307,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._head = ResponseHead(status, self._reason, fields)
         self._keep_alive = parser.should_keep_alive()
         if self._is_head or status in (204, 304):
-            self._complete = True
+            self.phase = COMPLETE
         else:
+            self.phase = READING_BODY
             self._close_delimited = not fields.delimited
             if self._close_delimited:
                 self._keep_alive = False
@@ -290,7 +321,7 @@ class UpstreamConnection(asyncio.Protocol):
             waiter.set_result(None)
 
     def on_body(self, body: bytes) -> None:
-        if self._complete:
+        if self.phase is COMPLETE:
             # Bytes after a HEAD/204/304 head (or past the body): not this response's.
             raise _StopParsing
         self._chunks.append(body)
@@ -305,10 +336,10 @@ class UpstreamConnection(asyncio.Protocol):
         if self._interim:
             self._interim = False
             return
-        if self._complete:
+        if self.phase is COMPLETE:
             # HEAD/204/304 completed at the head; llhttp agrees, nothing to do.
             return
-        self._complete = True
+        self.phase = COMPLETE
         self._keep_alive = self._keep_alive and self._parser.should_keep_alive()  # type: ignore[union-attr]
         self._wake_body()
 
@@ -317,7 +348,7 @@ class UpstreamConnection(asyncio.Protocol):
     def begin(self, head: bytes, *, is_head: bool, body: list[bytes] | None = None) -> None:
         """Start one request/response exchange and write the request head (and a
         whole body in the same write, when given)."""
-        self.in_exchange = True
+        self.phase = AWAITING_HEAD
         self.received_any = False
         self._new_fields()
         self._parser = httptools.HttpResponseParser(self)
@@ -334,7 +365,6 @@ class UpstreamConnection(asyncio.Protocol):
         self._body_seen = 0
         self._raw_length = -1
         self._raw_left = 0
-        self._complete = False
         self._keep_alive = False
         self._close_delimited = False
         self._error = None
@@ -388,7 +418,7 @@ class UpstreamConnection(asyncio.Protocol):
     def take_buffered_body(self) -> bytes | None:
         """The whole body if it has already arrived (the common small-response case),
         else None; lets the caller answer with one write instead of streaming."""
-        if not self._complete or self._error is not None:
+        if self.phase is not COMPLETE or self._error is not None:
             return None
         body = b"".join(self._chunks)
         self._chunks.clear()
@@ -400,7 +430,7 @@ class UpstreamConnection(asyncio.Protocol):
         while not self._chunks:
             if self._error is not None:
                 raise self._error
-            if self._complete:
+            if self.phase is COMPLETE:
                 return b""
             self._body_waiter = self._loop.create_future()
             try:
@@ -409,7 +439,7 @@ class UpstreamConnection(asyncio.Protocol):
                 self._body_waiter = None
         chunk = self._chunks.popleft()
         self._buffered -= len(chunk)
-        if self._reading_paused and self._buffered < _LOW_WATER and not self._complete:
+        if self._reading_paused and self._buffered < _LOW_WATER and self.phase is not COMPLETE:
             self._reading_paused = False
             self.transport.resume_reading()  # type: ignore[union-attr]
         return chunk
@@ -419,7 +449,7 @@ class UpstreamConnection(asyncio.Protocol):
     @property
     def can_splice(self) -> bool:
         """True once a Content-Length body is being received past the parser."""
-        return self._raw_left > 0 and self._error is None and not self._complete
+        return self._raw_left > 0 and self._error is None and self.phase is READING_BODY
 
     def splice(self, sink: asyncio.Transport, read_idle: float) -> None:
         """From now on, body bytes go from data_received straight to the client's
@@ -441,7 +471,7 @@ class UpstreamConnection(asyncio.Protocol):
         while True:
             if self._error is not None:
                 raise self._error
-            if self._complete:
+            if self.phase is COMPLETE:
                 return True
             if self._sink_paused:
                 return False
@@ -488,11 +518,12 @@ class UpstreamConnection(asyncio.Protocol):
         """End the exchange; True when the connection may be reused."""
         self._cancel_timer()
         self._cancel_total()
-        self.in_exchange = False
+        complete = self.phase is COMPLETE
+        self.phase = IDLE
         self._parser = None
         self._sink = None
         return (
-            self._complete and self._keep_alive and self._request_sent
+            complete and self._keep_alive and self._request_sent
             and not self._discarding and self._error is None and not self.closed
             and not self._chunks
         )
@@ -501,7 +532,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._cancel_timer()
         self._cancel_total()
         self._sink = None
-        self.in_exchange = False
+        self.phase = IDLE
         if self.transport is not None and not self.closed:
             self.transport.abort()
         self.closed = True
@@ -565,5 +596,5 @@ class UpstreamConnection(asyncio.Protocol):
 
     def __repr__(self) -> str:
         peer = self.transport.get_extra_info("peername") if self.transport else None
-        state = "closed" if self.closed else ("busy" if self.in_exchange else "idle")
+        state = "closed" if self.closed else self.phase.value
         return f"UpstreamConnection({peer}, {state})"
