@@ -29,7 +29,7 @@ from proxy.errors import (
 from proxy.metrics import Metrics
 from proxy.models import Backend
 from proxy.plugin import ProxyResponse
-from proxy.response import CompleteResponse, ProxiedResponse
+from proxy.response import ProxiedResponse, has_no_body, whole_answer
 from proxy.retry import RetryDecision, decide_retry
 from proxy.routing import Route
 from proxy.runtime import Runtime, Upstream
@@ -37,14 +37,11 @@ from proxy.strategy import RequestContext
 from proxy.upstream.connection import InterimHead, ResponseHead, UpstreamConnection
 from proxy.upstream.pool import BackendPool
 
-__all__ = ["COMPLETE_WRITE_MAX", "Exchange", "Outcome"]
+__all__ = ["Exchange", "Outcome"]
 
 log = logging.getLogger("bascule.forward")
 
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
-_NO_BODY_STATUS: Final = frozenset({204, 304})
-# Responses up to this size that arrived whole go out in one transport write.
-COMPLETE_WRITE_MAX: Final = 1024 * 1024
 
 
 class Outcome:
@@ -180,7 +177,7 @@ class Exchange:
         conn = self.conn
         assert conn is not None
         fields = head.fields
-        no_body = self.request.method == "HEAD" or head.status in _NO_BODY_STATUS
+        no_body = has_no_body(self.request.method, head.status)
         if fields.codings and not no_body:
             # A transfer coding other than chunked belongs to this hop's framing, which
             # a plugin's response does not carry: refused rather than passed on mislabelled.
@@ -431,22 +428,22 @@ class Exchange:
         request = self.request
         fields = head.fields
         block, length, has_date = fields.block(), fields.body_length, fields.has_date
-        no_body = request.method == "HEAD" or head.status in _NO_BODY_STATUS
+        no_body = has_no_body(request.method, head.status)
         codings = b"" if no_body else fields.codings
         if codings and request.version < (1, 1):
             # RFC 9112 §6.1: no Transfer-Encoding to an HTTP/1.0 client, and without
             # it the body could not be decoded.
             raise UpstreamInvalidResponse("transfer-coded response for an HTTP/1.0 client")
         body = conn.take_buffered_body()
-        if body is not None and not codings and len(body) <= COMPLETE_WRITE_MAX:
+        if body is not None and not codings:
             # The whole response is here (the common small case): the connection
             # goes back now and the client gets head and body in one write.
             self._release_conn(conn.finish())
             if no_body:
-                return CompleteResponse(head.status, head.reason, block, b"", has_date,
-                                        length=length)
+                return whole_answer(head.status, head.reason, block, b"", has_date,
+                                    length=length)
             self.outcome.bytes_out = len(body)
-            return CompleteResponse(head.status, head.reason, block, body, has_date)
+            return whole_answer(head.status, head.reason, block, body, has_date)
         if length is None and body is not None and not no_body and not codings:
             length = len(body)  # complete already: send it length-delimited
         resp = ProxiedResponse(head.status, head.reason, block, length, has_date, codings)

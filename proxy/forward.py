@@ -30,12 +30,12 @@ from proxy.errors import (
     UpstreamProtocolError,
     UpstreamTimeout,
 )
-from proxy.exchange import COMPLETE_WRITE_MAX, Exchange, Outcome
+from proxy.exchange import Exchange, Outcome
 from proxy.headers import build_request_head, is_trusted
 from proxy.metrics import Metrics
 from proxy.pathnorm import normal_form
-from proxy.plugin import ProxyRequest, ProxyResponse
-from proxy.response import CompleteResponse, ProxiedResponse, plain_answer
+from proxy.plugin import ProxyRequest, ProxyResponse, QuickAnswer
+from proxy.response import ProxiedResponse, has_no_body, plain_answer, whole_answer
 from proxy.routing import normalise_host, strip_path_prefix
 from proxy.runtime import Runtime
 from proxy.websocket import WebSocketRequest, tunnel_websocket
@@ -48,7 +48,6 @@ _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 # Only these may be answered before the chain (RFC 9111 §4: an unsafe method must
 # reach the origin, and invalidates what is stored, §4.4).
 _SAFE_BODILESS: Final = frozenset({"GET", "HEAD"})
-_NO_BODY_STATUS: Final = frozenset({204, 304})
 
 
 def error_response(status: int, message: str, *, close: bool = False) -> web.StreamResponse:
@@ -108,23 +107,21 @@ class Forwarder:
     async def _write_proxy_response(self, request: web.BaseRequest, response: ProxyResponse,
                                     outcome: Outcome) -> web.StreamResponse:
         """Write what the plugin chain answered (the only place plugins' responses
-        reach aiohttp); framing is decided here, as for direct responses."""
+        reach aiohttp); framing is response.py's, as for every answer."""
         headers = response.headers
         block = b"".join(f"{k}: {v}\r\n".encode("latin-1", "replace")
                          for k, v in headers.items())
         body = response.body
-        no_body = request.method == "HEAD" or response.status in _NO_BODY_STATUS
-        length = len(body) if isinstance(body, bytes) and not no_body else response.length
-        resp = ProxiedResponse(response.status, response.reason.encode("latin-1", "replace"),
-                               block, length, "Date" in headers)
+        reason = response.reason.encode("latin-1", "replace")
+        no_body = has_no_body(request.method, response.status)
+        if isinstance(body, bytes):
+            outcome.bytes_out = 0 if no_body else len(body)
+            return whole_answer(response.status, reason, block, b"" if no_body else body,
+                                "Date" in headers,
+                                length=response.length if no_body else len(body))
+        resp = ProxiedResponse(response.status, reason, block, response.length,
+                               "Date" in headers)
         try:
-            if isinstance(body, bytes):
-                resp._send_headers_immediately = False
-                await resp.prepare(request)
-                if not no_body:
-                    outcome.bytes_out = len(body)
-                await resp.write_eof(b"" if no_body else body)
-                return resp
             await resp.prepare(request)
             async for chunk in body:
                 await resp.write(chunk)
@@ -141,25 +138,12 @@ class Forwarder:
         finally:
             await response.aclose()
 
-    async def _write_quick(self, request: web.BaseRequest,
-                           answer: tuple[int, bytes, bytes, bytes, bool],
-                           outcome: Outcome) -> web.StreamResponse:
+    @staticmethod
+    def _write_quick(request: web.BaseRequest, answer: QuickAnswer,
+                     outcome: Outcome) -> web.StreamResponse:
         status, reason, block, body, has_date = answer
-        outcome.bytes_out = len(body) if request.method != "HEAD" else 0
-        if len(body) <= COMPLETE_WRITE_MAX:
-            # aiohttp's prepare() call writes it, after this handler returns
-            return CompleteResponse(status, reason, block, body, has_date)
-        resp = ProxiedResponse(status, reason, block, len(body), has_date)
-        resp._send_headers_immediately = False
-        try:
-            await resp.prepare(request)
-            if request.method == "HEAD" or status in _NO_BODY_STATUS:
-                await resp.write_eof()
-            else:
-                await resp.write_eof(body)
-        except ConnectionError:
-            pass
-        return resp
+        outcome.bytes_out = 0 if has_no_body(request.method, status) else len(body)
+        return whole_answer(status, reason, block, body, has_date)
 
     def next_request_id(self) -> bytes:
         # Unique across workers and instances (random 64-bit prefix per worker)
@@ -262,7 +246,7 @@ class Forwarder:
                 answer = await fetch(message.method, host, quick_target, headers, route.name,
                                      memo)
             if answer is not None:
-                return await self._write_quick(request, answer, outcome)
+                return self._write_quick(request, answer, outcome)
 
         peer = request.protocol.peer  # type: ignore[attr-defined]
         hash_on = upstream.hash_on

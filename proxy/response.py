@@ -8,6 +8,14 @@ decides what is hop-by-hop for the client connection: framing (Content-Length or
 chunked, RFC 9112 §6), Connection, and Date when the backend sent none (RFC 9110
 §6.6.1). aiohttp's writer still owns the socket, keep-alive and flow control.
 
+This module is the one response writer: every answer Bascule gives — a proxied
+stream, a response that arrived whole, a plugin's response, a quick answer from a
+cache, an error page — gets its status line and framing from `frame()`, which owns
+the rules: HEAD and 1xx/204/304 carry no body (RFC 9112 §6.3) but a HEAD or 304
+keeps the representation's Content-Length, 204 and 1xx none; a known length is sent
+as Content-Length; otherwise chunked to HTTP/1.1 clients (after any transfer coding
+the backend applied) or close-delimited to HTTP/1.0 clients.
+
 Every status line says HTTP/1.1, whatever the client's version: RFC 9112 §2.3 (a
 server sends the highest version it conforms to), as nginx does; framing and
 Connection still follow the client's version. `plain_answer` is Bascule's own short
@@ -16,16 +24,54 @@ error or status answer, written the same way (no Server header, no request bytes
 
 from __future__ import annotations
 
+import enum
 from http import HTTPStatus
+from typing import Any
 
 from aiohttp import web
 from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import HttpVersion, HttpVersion10, HttpVersion11
 from aiohttp.web_request import BaseRequest
 
-__all__ = ["CompleteResponse", "ProxiedResponse", "plain_answer"]
+__all__ = ["COMPLETE_WRITE_MAX", "CompleteResponse", "Framing", "ProxiedResponse", "frame",
+           "has_no_body", "plain_answer", "whole_answer"]
 
 _NO_BODY_STATUS = frozenset({204, 304})
+# Whole answers up to this size go out in one transport write (CompleteResponse).
+COMPLETE_WRITE_MAX = 1024 * 1024
+
+
+def has_no_body(method: str, status: int) -> bool:
+    """RFC 9112 §6.3: the answer to HEAD, and 1xx, 204 and 304 answers, have no body."""
+    return method == "HEAD" or status in _NO_BODY_STATUS or 100 <= status < 200
+
+
+class Framing(enum.Enum):
+    NONE = "no body"
+    LENGTH = "Content-Length"
+    CHUNKED = "chunked"
+    CLOSE = "until close"
+
+
+def frame(method: str, status: int, length: int | None, version: HttpVersion,
+          keep_alive: bool, has_date: bool, codings: bytes = b""
+          ) -> tuple[Framing, bytes, bool]:
+    """How an answer is framed for this client: the kind, the framing/Connection/Date
+    lines, and whether the connection stays open after it."""
+    if has_no_body(method, status):
+        kind = Framing.NONE
+        lines = b"" if length is None or status == 204 or status < 200 else (
+            b"Content-Length: %d\r\n" % length)
+    elif length is not None:
+        kind, lines = Framing.LENGTH, b"Content-Length: %d\r\n" % length
+    elif version >= HttpVersion11:
+        kind = Framing.CHUNKED
+        lines = (b"Transfer-Encoding: " + codings + b", chunked\r\n" if codings
+                 else b"Transfer-Encoding: chunked\r\n")
+    else:
+        kind, lines = Framing.CLOSE, b""
+        keep_alive = False  # HTTP/1.0 without a length: the body ends at close
+    return kind, lines + _connection_and_date(version, keep_alive, has_date), keep_alive
 
 
 def _connection_and_date(version: HttpVersion, keep_alive: bool, has_date: bool) -> bytes:
@@ -60,27 +106,13 @@ class ProxiedResponse(web.StreamResponse):
         keep_alive = self._keep_alive
         if keep_alive is None:
             keep_alive = request.keep_alive
-        version = request.version
-        length = self._upstream_length
-        status = self.status
-        if status in _NO_BODY_STATUS or 100 <= status < 200:
-            framing = b"" if status == 204 or length is None else (
-                b"Content-Length: %d\r\n" % length)
-        elif request.method == "HEAD":
-            framing = b"" if length is None else b"Content-Length: %d\r\n" % length
-        elif length is not None:
-            writer.length = length
-            framing = b"Content-Length: %d\r\n" % length
-        elif version >= HttpVersion11:
+        kind, self._framing, self._keep_alive = frame(
+            request.method, self.status, self._upstream_length, request.version,
+            keep_alive, self._has_date, self._codings)
+        if kind is Framing.LENGTH:
+            writer.length = self._upstream_length
+        elif kind is Framing.CHUNKED:
             writer.enable_chunking()
-            codings = self._codings
-            framing = (b"Transfer-Encoding: " + codings + b", chunked\r\n" if codings
-                       else b"Transfer-Encoding: chunked\r\n")
-        else:
-            framing = b""
-            keep_alive = False  # HTTP/1.0 without a length: the body ends at close
-        self._keep_alive = keep_alive
-        self._framing = framing + _connection_and_date(version, keep_alive, self._has_date)
 
     async def _write_headers(self) -> None:
         request = self._req
@@ -128,14 +160,11 @@ class CompleteResponse(web.StreamResponse):
         transport = request.transport
         if transport is None or transport.is_closing():
             raise ConnectionResetError("client connection closed")
-        version = request.version
-        keep_alive = request.keep_alive and not self._close
         status = self.status
-        length = self._length
-        framing = _connection_and_date(version, keep_alive, self._has_date)
-        if length is not None and status != 204 and status >= 200:
-            framing = b"Content-Length: %d\r\n" % length + framing
-        with_body = request.method != "HEAD" and status not in _NO_BODY_STATUS
+        kind, framing, keep_alive = frame(
+            request.method, status, self._length, request.version,
+            request.keep_alive and not self._close, self._has_date)
+        with_body = kind is not Framing.NONE
         transport.write(b"".join((
             b"HTTP/1.1 %d " % status, self._reason_bytes,
             b"\r\n", self._head_block, framing, b"\r\n",
@@ -166,3 +195,28 @@ def plain_answer(status: int, message: str, *, close: bool = False,
             reason = b"Error"
     return CompleteResponse(status, reason, _TEXT_PLAIN + fields,
                             message.encode("utf-8") + b"\n", False, close=close)
+
+
+def whole_answer(status: int, reason: bytes, head_block: bytes, body: bytes, has_date: bool,
+                 *, length: int | None = _BODY_LENGTH) -> web.StreamResponse:
+    """An answer whose body is in hand: one write when small, else streamed from the
+    bytes with backpressure (aiohttp writes it when the handler returns it)."""
+    if len(body) <= COMPLETE_WRITE_MAX:
+        return CompleteResponse(status, reason, head_block, body, has_date, length=length)
+    return _BytesResponse(status, reason, head_block, body, has_date)
+
+
+class _BytesResponse(ProxiedResponse):
+    """A large whole body, written through aiohttp's payload writer (it drains)."""
+
+    def __init__(self, status: int, reason: bytes, head_block: bytes, body: bytes,
+                 has_date: bool) -> None:
+        super().__init__(status, reason, head_block, len(body), has_date)
+        self._whole_body = body
+        self._send_headers_immediately = False
+
+    async def prepare(self, request: BaseRequest) -> Any:
+        writer = await super().prepare(request)
+        if not has_no_body(request.method, self.status):
+            await self.write(self._whole_body)
+        return writer

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from aiohttp.http import HttpVersion, HttpVersion10, HttpVersion11
 
-from proxy.response import CompleteResponse, plain_answer
+from proxy.response import CompleteResponse, Framing, frame, plain_answer
 from tests.fakes import FakeTransport
 
 
@@ -62,3 +62,26 @@ async def test_an_answer_to_a_closed_client_is_not_written() -> None:
     with pytest.raises(ConnectionResetError):
         await plain_answer(502, "bad").prepare(
             FakeRequest(transport=transport))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("method", "status", "length", "version", "codings", "kind",
+                          "lines", "keep"), [
+    ("GET", 200, 5, HttpVersion11, b"", Framing.LENGTH, b"Content-Length: 5\r\n", True),
+    ("GET", 200, None, HttpVersion11, b"", Framing.CHUNKED,
+     b"Transfer-Encoding: chunked\r\n", True),
+    ("GET", 200, None, HttpVersion11, b"gzip", Framing.CHUNKED,
+     b"Transfer-Encoding: gzip, chunked\r\n", True),
+    ("GET", 200, None, HttpVersion10, b"", Framing.CLOSE, b"", False),
+    ("HEAD", 200, 7, HttpVersion11, b"", Framing.NONE, b"Content-Length: 7\r\n", True),
+    ("HEAD", 200, None, HttpVersion11, b"", Framing.NONE, b"", True),
+    ("GET", 204, 0, HttpVersion11, b"", Framing.NONE, b"", True),
+    ("GET", 304, 9, HttpVersion11, b"", Framing.NONE, b"Content-Length: 9\r\n", True),
+    ("GET", 103, None, HttpVersion11, b"", Framing.NONE, b"", True),
+])
+def test_frame(method: str, status: int, length: int | None, version: HttpVersion,
+               codings: bytes, kind: Framing, lines: bytes, keep: bool) -> None:
+    got_kind, got_lines, got_keep = frame(method, status, length, version, True, True,
+                                          codings)
+    expected = lines + (b"" if version == HttpVersion11 or not keep else
+                        b"Connection: keep-alive\r\n")
+    assert (got_kind, got_lines, got_keep) == (kind, expected, keep)
