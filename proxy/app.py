@@ -100,7 +100,11 @@ def build_runtime(config: Config, file: str) -> Runtime:
             for entry in up.backends or ()
         )
         balancer.update(BackendSet(version=1 if up.backends else 0, backends=backends))
-        upstreams[name] = Upstream(name, up, balancer)
+        try:
+            upstreams[name] = Upstream(name, up, balancer)
+        except ValueError as exc:  # hash_on: the engine reads it, whatever the strategy
+            problems.append(ConfigProblem(file, f"upstreams.{name}.strategy_options.hash_on",
+                                          str(exc).removeprefix("hash_on: ")))
     if problems:
         raise ConfigError(problems)
     routes = RouteTable([

@@ -249,8 +249,7 @@ class Forwarder:
                 return self._write_quick(request, answer, outcome)
 
         peer = request.protocol.peer  # type: ignore[attr-defined]
-        hash_on = upstream.hash_on
-        hash_key = hash_on.extract(headers, message.path, peer) if hash_on else None
+        hash_key = upstream.hash_on.extract(headers, message.path, peer)
         if (message.upgrade and route.websocket
                 and headers.get("Upgrade", "").lower() == "websocket"):
             return await tunnel_websocket(

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 from proxy.balancer import Balancer
 from proxy.config import Config, ServerConfig, TimeoutsConfig, UpstreamConfig
-from proxy.hashkey import HashKeySource
+from proxy.hashkey import HashKeySource, parse_hash_on
 from proxy.headers import HeaderPolicy, IPNetwork
 from proxy.health import HealthMonitor
 from proxy.models import Backend
@@ -64,8 +64,11 @@ class Upstream:
         self.response_limits = ResponseLimits(config.max_response_header_size,
                                               config.max_response_headers)
         self.health = HealthMonitor(name, config, balancer)
-        # A strategy that hashes requests names its key source (`hash_on`).
-        self.hash_on: HashKeySource | None = getattr(balancer.strategy, "hash_on", None)
+        # The request's hash key comes from the upstream's config (`hash_on` in
+        # strategy_options, client_ip by default), computed once per request by the
+        # forwarder; strategies that hash read RequestContext.hash_key.
+        self.hash_on: HashKeySource = parse_hash_on(
+            config.strategy_options.get("hash_on", "client_ip"))
 
     def pool_for(self, backend: Backend) -> BackendPool:
         pool = self.pools.get(backend.id)

@@ -18,7 +18,8 @@ __all__ = ["ObservingStrategy", "RequestContext", "Strategy", "StrategyFactory"]
 
 class RequestContext:
     """What a strategy may know about a request: the hash key (computed once per
-    request from the strategy's `hash_on`, or None), the ids of backends already
+    request from the upstream's `hash_on` — `strategy_options.hash_on`, the client
+    address by default — or None when the request lacks it), the ids of backends already
     tried by earlier attempts, which `pick()` must avoid when it can, and the
     upstream's total in-flight count."""
 
