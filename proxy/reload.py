@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -199,6 +200,26 @@ class Reloader:
             await new.aclose()
         except Exception:
             log.exception("reload: closing the discarded runtime failed")
+
+    def file_stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.edge.runtime.file)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    async def watch_file(self, last: tuple[int, int, int] | None,
+                         interval: float = 1.0) -> None:
+        """`server.watch_config`: reload when the file changes from `last` (taken
+        when serving started), polling its mtime, size and inode: bind-mounted files
+        break inotify."""
+        while True:
+            await asyncio.sleep(interval)
+            current = self.file_stamp()
+            if current is not None and current != last:
+                last = current
+                log.info("config file changed; reloading")
+                await self.reload()
 
     async def _retire(self, old: Runtime, timeout: float) -> None:
         """Close the old runtime once its in-flight requests are done."""

@@ -285,7 +285,8 @@ class Edge:
             loop.create_task(self.server.enforce_head_deadline()),
         ]
         if runtime.server.watch_config and runtime.file and os.path.exists(runtime.file):
-            self._tasks.append(loop.create_task(self._watch_config(self._file_stamp())))
+            self._tasks.append(loop.create_task(
+                self.reloader.watch_file(self.reloader.file_stamp())))
 
     @property
     def runtime(self) -> Runtime:
@@ -318,23 +319,6 @@ class Edge:
                                    **parser_limits(cfg))
         self.metrics.config_loaded_now(new.config_hash)
 
-    def _file_stamp(self) -> tuple[int, int, int] | None:
-        try:
-            st = os.stat(self.forwarder.runtime.file)
-        except OSError:
-            return None
-        return (st.st_mtime_ns, st.st_size, st.st_ino)
-
-    async def _watch_config(self, last: tuple[int, int, int] | None,
-                            interval: float = 1.0) -> None:
-        """Reload when the file changes (polling: bind-mounted files break inotify)."""
-        while True:
-            await asyncio.sleep(interval)
-            current = self._file_stamp()
-            if current is not None and current != last:
-                last = current
-                log.info("config file changed; reloading")
-                await self.reloader.reload()
 
     @property
     def ports(self) -> list[int]:
