@@ -11,6 +11,7 @@ from proxy.exchange import Outcome
 from proxy.plugin import Handler, Plugin, ProxyRequest, ProxyResponse
 from proxy.routing import Route
 from proxy.runtime import Runtime, Upstream
+from proxy.websocket import WebSocketRequest
 
 __all__ = ["ChainCall", "check_method_change", "compose_chain"]
 
@@ -50,14 +51,15 @@ class ChainCall:
     __slots__ = ("body", "body_done", "chunked", "client_host", "continue_sent", "framing",
                  "has_body", "hash_key", "head_rest", "headers", "outcome", "peer",
                  "request", "request_id", "request_line", "route", "runtime", "target",
-                 "upstream")
+                 "upstream", "websocket")
 
     def __init__(self, request: web.BaseRequest, route: Route, upstream: Upstream,
                  runtime: Runtime, outcome: Outcome, target: str, request_line: bytes,
                  head_rest: bytes, client_host: bytes, headers: CIMultiDict[str],
                  framing: bytes, request_id: bytes, peer: str, has_body: bool,
                  chunked: bool, hash_key: str | None, body: list[bytes] | None,
-                 body_done: bool, continue_sent: bool) -> None:
+                 body_done: bool, continue_sent: bool,
+                 websocket: WebSocketRequest | None = None) -> None:
         self.request = request
         self.route = route
         self.upstream = upstream
@@ -77,5 +79,6 @@ class ChainCall:
         self.body = body
         self.body_done = body_done
         self.continue_sent = continue_sent
+        self.websocket = websocket  # an upgrade: the terminal step tunnels it
 
 

@@ -35,7 +35,13 @@ from proxy.headers import build_request_head, is_trusted
 from proxy.metrics import Metrics
 from proxy.pathnorm import normal_form
 from proxy.plugin import ProxyRequest, ProxyResponse, QuickAnswer
-from proxy.response import ProxiedResponse, has_no_body, plain_answer, whole_answer
+from proxy.response import (
+    CompleteResponse,
+    ProxiedResponse,
+    has_no_body,
+    plain_answer,
+    whole_answer,
+)
 from proxy.routing import normalise_host, strip_path_prefix
 from proxy.runtime import Runtime
 from proxy.websocket import WebSocketRequest, tunnel_websocket
@@ -45,6 +51,8 @@ __all__ = ["Forwarder", "error_response"]
 log = logging.getLogger("bascule.forward")
 
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+_TUNNELLED: Final = "bascule.tunnelled"  # ProxyResponse.extra: a WebSocket already relayed
+_PLAIN: Final = {"Content-Type": "text/plain; charset=utf-8"}
 # Only these may be answered before the chain (RFC 9111 §4: an unsafe method must
 # reach the origin, and invalidates what is stored, §4.4).
 _SAFE_BODILESS: Final = frozenset({"GET", "HEAD"})
@@ -82,6 +90,8 @@ class Forwarder:
         (method, target and headers), and the response comes back as a
         ProxyResponse whose body streams from the backend."""
         call: ChainCall = preq.engine
+        if call.websocket is not None:
+            return await self._tunnel(call, preq)
         line, rest, host = call.request_line, call.head_rest, call.client_host
         original = call.request._message.method
         method = preq.method
@@ -104,10 +114,31 @@ class Forwarder:
                              call.continue_sent, method)
         return await exchange.run_to_proxy_response()
 
+    async def _tunnel(self, call: ChainCall, preq: ProxyRequest) -> ProxyResponse:
+        """The terminal step of an upgrade: the WebSocket tunnel, run to its end. A
+        refusal comes back as an ordinary response; a tunnel, already written, as a
+        101 the writer passes through."""
+        ws = call.websocket
+        assert ws is not None
+        if list(preq.headers.items()) != list(call.headers.items()):
+            ws.headers = [(k.encode("utf-8", "surrogateescape"),
+                           v.encode("utf-8", "surrogateescape"))
+                          for k, v in preq.headers.items()]
+        answer = await tunnel_websocket(call.request, call.route, call.upstream,
+                                        call.runtime, ws, self.metrics)
+        if isinstance(answer, CompleteResponse):
+            return ProxyResponse(answer.status, CIMultiDict(_PLAIN), answer.whole_body,
+                                 answer.reason)
+        return ProxyResponse(101, CIMultiDict(), b"", "Switching Protocols",
+                             extra={_TUNNELLED: answer})
+
     async def _write_proxy_response(self, request: web.BaseRequest, response: ProxyResponse,
                                     outcome: Outcome) -> web.StreamResponse:
         """Write what the plugin chain answered (the only place plugins' responses
         reach aiohttp); framing is response.py's, as for every answer."""
+        tunnelled = response.extra.get(_TUNNELLED)
+        if isinstance(tunnelled, web.StreamResponse):
+            return tunnelled  # a WebSocket tunnel, written while it ran
         headers = response.headers
         block = b"".join(f"{k}: {v}\r\n".encode("latin-1", "replace")
                          for k, v in headers.items())
@@ -252,9 +283,24 @@ class Forwarder:
         hash_key = upstream.hash_on.extract(headers, message.path, peer)
         if (message.upgrade and route.websocket
                 and headers.get("Upgrade", "").lower() == "websocket"):
-            return await tunnel_websocket(
-                request, route, upstream, runtime,
-                WebSocketRequest(target, authority, peer, hash_key, outcome), self.metrics)
+            ws = WebSocketRequest(target, authority, peer, hash_key, outcome)
+            upgrade_chain = runtime.handlers.get(route.name)
+            if upgrade_chain is None:
+                return await tunnel_websocket(request, route, upstream, runtime, ws,
+                                              self.metrics)
+            # Through the route's plugins like any request: they may refuse the
+            # upgrade (auth, limits) or change its headers before the handshake.
+            chain_headers = CIMultiDict(headers)
+            call = ChainCall(request, route, upstream, runtime, outcome, target, b"", b"",
+                             b"", chain_headers, b"", b"", peer, False, False, hash_key,
+                             None, True, False, websocket=ws)
+            try:
+                response = await upgrade_chain(ProxyRequest(
+                    message.method, target, chain_headers.copy(), peer, route.name,
+                    upstream.name, engine=call))
+            except BasculeError as exc:
+                return error_response(exc.status, exc.public_message)
+            return await self._write_proxy_response(request, response, outcome)
 
         server = runtime.server
         length_text = headers.get("Content-Length")

@@ -176,6 +176,10 @@ class CompleteResponse(web.StreamResponse):
     async def write_eof(self, data: bytes = b"") -> None:
         return None
 
+    @property
+    def whole_body(self) -> bytes:
+        return self._complete_body
+
 
 _TEXT_PLAIN = b"Content-Type: text/plain; charset=utf-8\r\n"
 # RFC 9110's reason phrases where Python 3.11's HTTPStatus still has RFC 7231's

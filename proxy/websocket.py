@@ -47,10 +47,11 @@ class WebSocketRequest:
     """What the forwarder decided for an upgrade: the same target, Host authority,
     client address and hash key as any request on the route."""
 
-    __slots__ = ("authority", "hash_key", "outcome", "peer", "target")
+    __slots__ = ("authority", "hash_key", "headers", "outcome", "peer", "target")
 
     def __init__(self, target: str, authority: bytes, peer: str, hash_key: str | None,
-                 outcome: Any) -> None:
+                 outcome: Any, headers: Any = None) -> None:
+        self.headers = headers  # raw (name, value) pairs when plugins changed them
         self.target = target
         self.authority = authority
         self.peer = peer
@@ -73,8 +74,9 @@ async def tunnel_websocket(
         target = strip_path_prefix(target, route.path_prefix)
     peer = ws.peer
     block, client_host, _ = build_request_head(
-        request.raw_headers, peer=peer, trusted_peer=is_trusted(peer, runtime.trusted),
-        authority=ws.authority, policy=runtime.header_policy)
+        ws.headers if ws.headers is not None else request.raw_headers, peer=peer,
+        trusted_peer=is_trusted(peer, runtime.trusted), authority=ws.authority,
+        policy=runtime.header_policy)
     headers: dict[str, str] = {}
     for line in block.split(b"\r\n"):
         name, sep, value = line.partition(b": ")

@@ -118,3 +118,53 @@ async def test_a_dead_backend_is_counted_and_skipped(backends: NamedBackends) ->
         assert dead_backend.inflight == 0
     finally:
         await edge.drain(1.0)
+
+
+async def test_upgrades_go_through_the_route_plugins(backends: NamedBackends) -> None:
+    """A plugin that refuses a path refuses its upgrades too, and a plugin's header
+    reaches the backend's handshake (the same pipeline as any request)."""
+    seen: list[str] = []
+
+    async def record(request: web.BaseRequest) -> web.StreamResponse:
+        seen.append(request.headers.get("X-Chain", ""))
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)  # type: ignore[arg-type]
+        await ws.send_str("tagged:" + request.headers.get("X-Chain", ""))
+        async for _ in ws:
+            pass
+        return ws
+
+    _, listener = await start_backend(record)
+    backends.listeners.append(listener)
+    routes = """
+[[plugins]]
+name = "deny"
+use = "tests.example_plugins:Deny"
+
+[[plugins]]
+name = "tag"
+use = "tests.example_plugins:Tag"
+options = { label = "edge" }
+
+[[routes]]
+upstream = "app"
+plugins = ["deny", "tag"]
+"""
+    edge = await start_proxy(proxy_config({"app": [f"127.0.0.1:{port_of(listener)}"]},
+                                          routes=routes))
+    try:
+        async with aiohttp.ClientSession() as session:
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await session.ws_connect(edge_url(edge) + "/private/ws")
+            assert refused.value.status == 403
+            assert seen == []  # never reached the backend
+            async with session.ws_connect(edge_url(edge) + "/ws") as ws:
+                assert (await ws.receive(timeout=5)).data == "tagged:edge"
+        assert seen == ["edge"]
+
+        async def released() -> bool:  # once the edge has seen the close
+            return edge.runtime.upstreams["app"].balancer.inflight == 0
+
+        await eventually(released)
+    finally:
+        await edge.drain(1.0)
