@@ -34,6 +34,7 @@ from plugins.cache.policy import (
     freshness_lifetime,
     invalidated_uris,
     parse_cache_control,
+    response_directives,
     storable,
     vary_key,
 )
@@ -50,7 +51,7 @@ log = logging.getLogger("bascule.cache")
 _OPTIONS = {"store", "memory_max_size", "max_object_size", "heuristic_freshness",
             "heuristic_cap", "ignore_set_cookie", "key_headers", "drop_query",
             "lock_timeout", "stale_while_revalidate", "stale_if_error", "tag_headers",
-            "validator_grace", "near_cache_size", "near_cache_ttl"}
+            "validator_grace", "near_cache_size", "near_cache_ttl", "targeted_cache_control"}
 _NOT_STORED = frozenset({"cache-status", "age"})
 _NO_STALE = ("no-cache", "must-revalidate", "proxy-revalidate")
 # Request fields that need the full chain (RFC 9111 request directives, RFC 9110
@@ -117,6 +118,10 @@ class Cache:
         self.validator_grace = _option(options, "validator_grace", "10m", parse_duration)
         self.near_cache_size = _option(options, "near_cache_size", "16MiB", parse_size)
         self.near_cache_ttl = _option(options, "near_cache_ttl", "1s", parse_duration)
+        # RFC 9213: fields that, when present, set this cache's policy instead of
+        # Cache-Control and Expires (first present wins); passed on unchanged.
+        self.targeted = _option(options, "targeted_cache_control", ["CDN-Cache-Control"],
+                                _names)
         self._fills: dict[str, asyncio.Future[None]] = {}
         self._refreshing: set[str] = set()
         self._background: set[asyncio.Task[Any]] = set()
@@ -463,11 +468,13 @@ class Cache:
                     stored[name] = value
             refreshed = self._entry(entry.status, entry.reason, list(stored.items()),
                                     entry.body, request_time, time.time(), entry.vary,
-                                    entry.tags)
+                                    entry.tags, age_inputs(response.headers)[1])
             await self.store.put(primary, secondary(entry.vary), refreshed,
                                  self._ttl(refreshed))
             self._lookups(request.route, "revalidated")
-            return self._serve(request, refreshed, 0.0, "fwd=stale; fwd-status=304")
+            age = age_from(refreshed.date, refreshed.age_value, refreshed.request_time,
+                           refreshed.response_time, time.time())
+            return self._serve(request, refreshed, age, "fwd=stale; fwd-status=304")
         if response.status >= 500 and within_sie and sie and not background:
             await response.aclose()
             self._lookups(request.route, "stale")
@@ -522,16 +529,19 @@ class Cache:
 
     def _entry(self, status: int, reason: str, fields: list[tuple[str, str]], body: bytes,
                request_time: float, response_time: float, vary: str,
-               tags: tuple[str, ...] = ()) -> Entry:
-        """An entry with what a hit needs already parsed (dates, lifetime, directives)."""
+               tags: tuple[str, ...] = (), age_value: int = 0) -> Entry:
+        """An entry with what a hit needs already parsed (dates, lifetime, directives).
+        `age_value`: the Age the response arrived with (§4.2.3; the stored fields
+        leave it out, since a hit sends its own)."""
         headers: CIMultiDict[str] = CIMultiDict(fields)
-        date, age_value = age_inputs(headers)
+        date, _ = age_inputs(headers)
         lifetime = freshness_lifetime(headers, heuristic=self.heuristic,
-                                      heuristic_cap=self.heuristic_cap,
-                                      status=status).lifetime
+                                      heuristic_cap=self.heuristic_cap, status=status,
+                                      targeted=self.targeted,
+                                      received=response_time).lifetime
         return Entry(status, reason, fields, body, request_time, response_time, vary, tags,
                      date=date, age_value=age_value, lifetime=lifetime,
-                     directives=parse_cache_control(headers.getall("Cache-Control", [])))
+                     directives=response_directives(headers, self.targeted)[0])
 
     def _ttl(self, entry: Entry) -> float:
         """How long an entry is of use: fresh, then stale windows, then (with a
@@ -558,7 +568,7 @@ class Cache:
             response.headers.popall(name, None)
         ok, reason = storable(request.method, response.status, request.headers,
                               response.headers, ignore_set_cookie=self.ignore_set_cookie,
-                              heuristic=self.heuristic)
+                              heuristic=self.heuristic, targeted=self.targeted)
         body = response.body
         size = len(body) if isinstance(body, bytes) else response.length
         if ok and size is not None and size > self.max_object_size:
@@ -566,7 +576,8 @@ class Cache:
         if not ok:
             done()
             return _mark(response, f"{forward}; detail={reason}")
-        vary = response.headers.get("Vary", "")
+        vary = ", ".join(response.headers.getall("Vary", []))  # every line (RFC 9110 §5.3)
+        age_value = age_inputs(response.headers)[1]
         fields = [(k, v) for k, v in response.headers.items() if k.lower() not in _NOT_STORED]
         response_time = time.time()
         store = self.store
@@ -575,7 +586,7 @@ class Cache:
         async def save(data: bytes) -> None:
             try:
                 entry = self._entry(response.status, response.reason, fields, data,
-                                    request_time, response_time, vary, tags)
+                                    request_time, response_time, vary, tags, age_value)
                 await store.put(primary, variant, entry, self._ttl(entry))
             finally:
                 done()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from email.utils import formatdate
 
 import pytest
+from multidict import CIMultiDict
 
 from plugins.cache.policy import (
     current_age,
@@ -33,7 +34,19 @@ def test_parse_cache_control() -> None:
     ("GET", 200, {}, {"Cache-Control": "max-age=60"}, (True, "")),
     ("HEAD", 200, {}, {"Cache-Control": "max-age=60"}, (False, "method")),
     ("POST", 200, {}, {"Cache-Control": "max-age=60"}, (False, "method")),
-    ("GET", 299, {}, {"Cache-Control": "max-age=60"}, (False, "status")),
+    # §3: any final status with explicit freshness may be stored ...
+    ("GET", 299, {}, {"Cache-Control": "max-age=60"}, (True, "")),
+    ("GET", 599, {}, {"Expires": date(60), "Date": date()}, (True, "")),
+    # ... but not an interim one, a 206 or a 304 (not understood for storing here)
+    ("GET", 103, {}, {"Cache-Control": "max-age=60"}, (False, "status")),
+    ("GET", 206, {}, {"Cache-Control": "max-age=60"}, (False, "status")),
+    ("GET", 304, {}, {"Cache-Control": "max-age=60"}, (False, "status")),
+    # §5.2.2.3 must-understand: only understood codes, and then no-store is ignored
+    ("GET", 200, {}, {"Cache-Control": "no-store, must-understand, max-age=60"}, (True, "")),
+    ("GET", 299, {}, {"Cache-Control": "no-store, must-understand, max-age=60"},
+     (False, "status")),
+    # §3: without explicit freshness only a heuristically cacheable status is stored
+    ("GET", 299, {}, {"ETag": '"v1"'}, (False, "no-freshness")),
     ("GET", 200, {}, {"Cache-Control": "no-store, max-age=60"}, (False, "no-store")),
     ("GET", 200, {"Cache-Control": "no-store"}, {"Cache-Control": "max-age=60"},
      (False, "no-store")),
@@ -50,12 +63,17 @@ def test_parse_cache_control() -> None:
     ("GET", 200, {}, {}, (False, "no-freshness")),                  # no blanket TTL
     ("GET", 200, {}, {"ETag": '"v1"'}, (True, "")),                 # validator: revalidate
     ("GET", 200, {}, {"Last-Modified": date(-1000)}, (True, "")),   # heuristic
-    ("GET", 302, {}, {"Last-Modified": date(-1000)}, (True, "")),   # validator only
+    ("GET", 302, {}, {"Last-Modified": date(-1000)}, (False, "no-freshness")),  # §3
+    # §4.1, RFC 9110 §5.3: Vary: * on a later line counts
+    ("GET", 200, {}, [("Cache-Control", "max-age=60"), ("Vary", ""), ("Vary", "*")],
+     (False, "vary-star")),
     ("GET", 404, {}, {"Expires": date(60), "Date": date()}, (True, "")),
 ])
-def test_storable(method: str, status: int, req: dict[str, str], resp: dict[str, str],
+def test_storable(method: str, status: int, req: dict[str, str],
+                  resp: dict[str, str] | list[tuple[str, str]],
                   expected: tuple[bool, str]) -> None:
-    assert storable(method, status, req, resp) == expected
+    headers = CIMultiDict(resp)
+    assert storable(method, status, req, headers) == expected
 
 
 def test_set_cookie_can_be_ignored() -> None:
@@ -114,7 +132,7 @@ def test_vary_key_normalises_and_orders() -> None:
     resp = {"Vary": "Accept-Encoding, accept-language"}
     a = vary_key(resp, [("Accept-Language", "en-GB"), ("Accept-Encoding", "gzip,  BR")])
     b = vary_key(resp, [("accept-encoding", "GZIP, br"), ("accept-language", " en-gb ")])
-    assert a == b == "accept-encoding:gzip, br\naccept-language:en-gb"
+    assert a == b == "accept-encoding:gzip,br\naccept-language:en-gb"
     assert vary_key(resp, [("Accept-Encoding", "gzip")]) != a
     assert vary_key({}, []) == ""
 
@@ -144,3 +162,52 @@ async def test_memory_store_never_exceeds_its_budget() -> None:
     assert await store.get("h/99", lambda vary: "") is not None  # recent ones stay
     assert await store.get("h/1", lambda vary: "") is None  # old ones went first
     assert store.used == sum(e.size for e in store._entries.values())
+
+
+@pytest.mark.parametrize(("resp", "lifetime"), [
+    # §5.3: an invalid Expires, or more than one, means already expired
+    ([("Expires", "Sun, 06 Nov 2094 08:49:37 UTC"), ("Date", date())], 0.0),
+    ([("Expires", date(600)), ("Expires", date(600)), ("Date", date())], 0.0),
+    # §4.2.3: no valid Date -> the time of receipt, not "stale at once"
+    ([("Expires", date(600)), ("Date", "yesterday")], 600.0),
+    # RFC 9213 §2.2: a targeted field replaces Cache-Control and Expires ...
+    ([("CDN-Cache-Control", "max-age=300"), ("Cache-Control", "max-age=5"),
+      ("Expires", date(9)), ("Date", date())], 300.0),
+    # ... and an empty one is skipped
+    ([("CDN-Cache-Control", ""), ("Cache-Control", "max-age=5")], 5.0),
+])
+def test_freshness_rules(resp: list[tuple[str, str]], lifetime: float) -> None:
+    got = freshness_lifetime(CIMultiDict(resp), targeted=("CDN-Cache-Control",),
+                             received=NOW)
+    assert got.lifetime == lifetime
+
+
+@pytest.mark.parametrize(("resp", "expected"), [
+    # RFC 9213: CDN-Cache-Control decides storing for this cache
+    ([("CDN-Cache-Control", "no-store"), ("Cache-Control", "max-age=60")],
+     (False, "no-store")),
+    ([("CDN-Cache-Control", "max-age=60"), ("Cache-Control", "no-store")], (True, "")),
+    ([("CDN-Cache-Control", "max-age=60"), ("Cache-Control", "private")], (True, "")),
+])
+def test_targeted_cache_control_decides_storing(resp: list[tuple[str, str]],
+                                                 expected: tuple[bool, str]) -> None:
+    assert storable("GET", 200, {}, CIMultiDict(resp),
+                    targeted=("Bascule-Cache-Control", "CDN-Cache-Control")) == expected
+
+
+@pytest.mark.parametrize("method", ["PUT", "PATCH", "M-SEARCH", "PURGE", "LOCK"])
+def test_every_method_not_known_safe_invalidates(method: str) -> None:
+    """§4.4 (RFC 9110 §9.2.1): unsafe methods and methods of unknown safety."""
+    assert invalidated_uris(method, 200, "https://a.test/x", {}) == ["https://a.test/x"]
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD", "OPTIONS", "TRACE"])
+def test_safe_methods_do_not_invalidate(method: str) -> None:
+    assert invalidated_uris(method, 200, "https://a.test/x", {}) == []
+
+
+def test_vary_over_several_lines_keys_every_named_field() -> None:
+    """RFC 9110 §5.3: Vary field lines combine."""
+    resp = CIMultiDict([("Vary", "Accept-Encoding"), ("Vary", "Accept-Language")])
+    assert vary_key(resp, [("Accept-Encoding", "gzip"), ("Accept-Language", "fr")]) == (
+        "accept-encoding:gzip\naccept-language:fr")
