@@ -41,12 +41,12 @@ import asyncio
 import enum
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import httptools
 
 from proxy.errors import UpstreamInvalidResponse, UpstreamProtocolError, UpstreamTimeout
 from proxy.headers import ResponseHeaderFilter
+from proxy.upstream.heads import InterimHead, ResponseHead, ResponseLimits
 
 __all__ = ["InterimHead", "Phase", "ResponseHead", "ResponseLimits", "UpstreamConnection"]
 
@@ -69,41 +69,9 @@ _HIGH_WATER = 256 * 1024
 _LOW_WATER = 64 * 1024
 
 
-@dataclass(frozen=True, slots=True)
-class ResponseLimits:
-    """What one response's head may take: bytes of every head of the exchange
-    together (interim 1xx heads included), and header fields per head."""
-
-    max_head_size: int = 16 * 1024
-    max_headers: int = 100
-
-
 class _StopParsing(Exception):
     """Raised from a parser callback: the final response is complete and what the
     parser is looking at is not part of it."""
-
-
-class ResponseHead:
-    __slots__ = ("fields", "reason", "status")
-
-    def __init__(self, status: int, reason: bytes, fields: ResponseHeaderFilter):
-        self.status = status
-        self.reason = reason
-        self.fields = fields
-
-
-class InterimHead:
-    """A 1xx response head, with its end-to-end fields as ready-to-send lines."""
-
-    __slots__ = ("block", "reason", "status")
-
-    def __init__(self, status: int, reason: bytes, block: bytes):
-        self.status = status
-        self.reason = reason
-        self.block = block
-
-    def encode(self) -> bytes:
-        return b"HTTP/1.1 %d %s\r\n%s\r\n" % (self.status, self.reason, self.block)
 
 
 _DEFAULT_LIMITS = ResponseLimits()
