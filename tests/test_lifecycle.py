@@ -213,10 +213,19 @@ async def test_workers_exit_when_the_supervisor_is_killed(
     proc = run_bascule(conf)
     procs.append(proc)
     await asyncio.to_thread(wait_port, port)
-    assert await asyncio.to_thread(poll, lambda: len(children_of(proc.pid)) == 2, 10)
+    assert await asyncio.to_thread(poll, lambda: len(children_of(proc.pid)) == 2, 30), \
+        "the two workers did not start"
     workers = children_of(proc.pid)
     proc.kill()  # as the OOM killer would: no chance to stop the workers itself
     await asyncio.to_thread(proc.wait, 10)
     assert await asyncio.to_thread(
-        poll, lambda: not any(_alive(pid) for pid in workers), 15), "workers outlived it"
-    assert await asyncio.to_thread(poll, lambda: ports_free(port), 5)
+        poll, lambda: not any(_alive(pid) for pid in workers), 20), "workers outlived it"
+
+    def refused() -> bool:  # nobody serves the port any more
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return False
+        except OSError:
+            return True
+
+    assert await asyncio.to_thread(poll, refused, 5), "the port is still served"
