@@ -29,7 +29,8 @@ from proxy.errors import (
 from proxy.metrics import Metrics
 from proxy.models import Backend
 from proxy.plugin import ProxyResponse
-from proxy.response import ProxiedResponse, has_no_body, whole_answer
+from proxy.relay import Outcome, UpstreamBody, respond
+from proxy.response import has_no_body
 from proxy.retry import RetryDecision, decide_retry
 from proxy.routing import Route
 from proxy.runtime import Runtime, Upstream
@@ -39,62 +40,10 @@ from proxy.upstream.pool import BackendPool
 
 __all__ = ["Exchange", "Outcome"]
 
+
 log = logging.getLogger("bascule.forward")
 
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
-
-
-class Outcome:
-    """What the metrics and the access log need to know about one request."""
-
-    __slots__ = ("backend", "bytes_in", "bytes_out", "request_id", "route", "upstream")
-
-    def __init__(self) -> None:
-        self.route: Route | None = None
-        self.upstream = ""
-        self.backend = ""
-        self.bytes_in = 0
-        self.bytes_out = 0
-        self.request_id = b""
-
-
-class _UpstreamBody:
-    """A streamed backend body for plugins: chunks as they arrive; the exchange is
-    finished (connection and lease released) when it ends, fails or is closed."""
-
-    def __init__(self, exchange: Exchange, started: float) -> None:
-        self._exchange = exchange
-        self._started = started
-        self._done = False
-
-    def __aiter__(self) -> _UpstreamBody:
-        return self
-
-    async def __anext__(self) -> bytes:
-        exchange = self._exchange
-        conn = exchange.conn
-        if self._done or conn is None:
-            raise StopAsyncIteration
-        conn.arm_timer(exchange.upstream.timeouts.read_idle, "read idle")
-        try:
-            chunk = await conn.read_chunk()
-        except BaseException:
-            self._close(False)
-            raise
-        if not chunk:
-            exchange._release_conn(conn.finish())
-            self._close(True)
-            raise StopAsyncIteration
-        exchange.outcome.bytes_out += len(chunk)
-        return chunk
-
-    async def aclose(self) -> None:
-        if not self._done:
-            self._close(False)
-
-    def _close(self, ok: bool) -> None:
-        self._done = True
-        self._exchange._finish(self._started, ok)
 
 
 class Exchange:
@@ -139,7 +88,7 @@ class Exchange:
         ok = False
         try:
             head = await self._connect_and_send()
-            resp = await self._respond(head)
+            resp = await respond(self, head)
             ok = True
             return resp
         except UpstreamTimeout:
@@ -147,12 +96,12 @@ class Exchange:
                 self.metrics.backend(self.upstream.name, self.backend.id).timeouts += 1
             raise
         finally:
-            self._finish(started, ok)
+            self.finish(started, ok)
 
-    def _finish(self, started: float, ok: bool) -> None:
+    def finish(self, started: float, ok: bool) -> None:
         """Release the connection (unless already given back) and the lease."""
         if self.conn is not None:
-            self._release_conn(False)
+            self.release_conn(False)
         backend = self.backend
         if backend is not None:
             self.backend = None
@@ -172,7 +121,7 @@ class Exchange:
         except BaseException as exc:
             if isinstance(exc, UpstreamTimeout) and self.backend is not None:
                 self.metrics.backend(self.upstream.name, self.backend.id).timeouts += 1
-            self._finish(started, False)
+            self.finish(started, False)
             raise
         conn = self.conn
         assert conn is not None
@@ -181,18 +130,18 @@ class Exchange:
         if fields.codings and not no_body:
             # A transfer coding other than chunked belongs to this hop's framing, which
             # a plugin's response does not carry: refused rather than passed on mislabelled.
-            self._finish(started, False)
+            self.finish(started, False)
             raise UpstreamInvalidResponse("transfer-coded response on a route with plugins")
         headers: CIMultiDict[str] = CIMultiDict(fields.items())
         reason = head.reason.decode("latin-1")
         complete = conn.take_buffered_body()
         if complete is not None:
-            self._release_conn(conn.finish())
-            self._finish(started, True)
+            self.release_conn(conn.finish())
+            self.finish(started, True)
             if no_body:
                 return ProxyResponse(head.status, headers, b"", reason, fields.body_length)
             return ProxyResponse(head.status, headers, complete, reason, len(complete))
-        return ProxyResponse(head.status, headers, _UpstreamBody(self, started), reason,
+        return ProxyResponse(head.status, headers, UpstreamBody(self, started), reason,
                              fields.body_length)
 
     async def _connect_and_send(self) -> ResponseHead:
@@ -292,7 +241,7 @@ class Exchange:
 
     def _drop_attempt(self, backend: Backend, *, ok: bool) -> None:
         if self.conn is not None:
-            self._release_conn(False)
+            self.release_conn(False)
         self.upstream.balancer.release(backend, 0.0, ok)
         self.backend = None
 
@@ -422,102 +371,7 @@ class Exchange:
         finally:
             watchdog.stop()
 
-    async def _respond(self, head: ResponseHead) -> web.StreamResponse:
-        conn = self.conn
-        assert conn is not None
-        request = self.request
-        fields = head.fields
-        block, length, has_date = fields.block(), fields.body_length, fields.has_date
-        no_body = has_no_body(request.method, head.status)
-        codings = b"" if no_body else fields.codings
-        if codings and request.version < (1, 1):
-            # RFC 9112 §6.1: no Transfer-Encoding to an HTTP/1.0 client, and without
-            # it the body could not be decoded.
-            raise UpstreamInvalidResponse("transfer-coded response for an HTTP/1.0 client")
-        body = conn.take_buffered_body()
-        if body is not None and not codings:
-            # The whole response is here (the common small case): the connection
-            # goes back now and the client gets head and body in one write.
-            self._release_conn(conn.finish())
-            if no_body:
-                return whole_answer(head.status, head.reason, block, b"", has_date,
-                                    length=length)
-            self.outcome.bytes_out = len(body)
-            return whole_answer(head.status, head.reason, block, body, has_date)
-        if length is None and body is not None and not no_body and not codings:
-            length = len(body)  # complete already: send it length-delimited
-        resp = ProxiedResponse(head.status, head.reason, block, length, has_date, codings)
-        try:
-            return await self._write_response(resp, body, no_body)
-        except ConnectionError:
-            # The client went away mid-response; the backend connection is dropped
-            # (by run()'s cleanup) because its response was not fully read.
-            return resp
-
-    async def _write_response(self, resp: ProxiedResponse, body: bytes | None,
-                              no_body: bool) -> web.StreamResponse:
-        conn = self.conn
-        assert conn is not None
-        request = self.request
-        if body is not None:
-            # Whole response already here: give the connection back before writing,
-            # and send head and body in one write (one syscall, not two).
-            resp._send_headers_immediately = False
-            self._release_conn(conn.finish())
-            await resp.prepare(request)
-            if no_body:
-                await resp.write_eof()
-            else:
-                self.outcome.bytes_out = len(body)
-                await resp.write_eof(body)
-            return resp
-        # Headers go out with the first body bytes when some already arrived;
-        # otherwise at once, so SSE/long-poll clients see the response start.
-        resp._send_headers_immediately = not conn.has_buffered_body
-        await resp.prepare(request)
-        read_idle = self.upstream.timeouts.read_idle
-        try:
-            while True:
-                if conn.can_splice and not conn.has_buffered_body and resp.prepared:
-                    await self._splice_rest(resp, read_idle)
-                    break
-                conn.arm_timer(read_idle, "read idle")
-                chunk = await conn.read_chunk()
-                if not chunk:
-                    break
-                self.outcome.bytes_out += len(chunk)
-                await resp.write(chunk)
-        except (UpstreamProtocolError, UpstreamTimeout) as exc:
-            # Cut the client's response: a truncated body must never look complete.
-            log.warning("upstream %s backend %s died mid-response: %s",
-                        self.upstream.name, self.backend.id if self.backend else "?", exc)
-            transport = request.transport
-            if transport is not None:
-                transport.abort()
-            return resp
-        self._release_conn(conn.finish())
-        await resp.write_eof()
-        return resp
-
-    async def _splice_rest(self, resp: ProxiedResponse, read_idle: float) -> None:
-        """The rest of a Content-Length body goes backend → client inside the
-        upstream protocol; this task only wakes when the client must drain."""
-        conn = self.conn
-        transport = self.request.transport
-        writer = resp._payload_writer
-        assert conn is not None and writer is not None
-        if transport is None or transport.is_closing():
-            raise ConnectionResetError("client connection closed")
-        await writer.drain()  # headers and earlier chunks flushed past the high-water mark
-        conn.splice(transport, read_idle)
-        while not await conn.splice_event():
-            await writer.drain()
-            conn.splice_resume()
-        length = resp.content_length
-        if length is not None:
-            self.outcome.bytes_out = length
-
-    def _release_conn(self, reusable: bool) -> None:
+    def release_conn(self, reusable: bool) -> None:
         conn, pool = self.conn, self.pool
         self.conn = None
         if conn is None or pool is None:

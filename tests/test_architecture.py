@@ -90,7 +90,7 @@ def test_the_request_path_never_imports_assembly() -> None:
     """DESIGN.md §2: the engine imports the Runtime it serves from a leaf module;
     assembly (config to Runtime, discovery, the loader, reload) sits above it."""
     assembly = {"proxy.app", "proxy.reload", "proxy.loader", "proxy.workers", "proxy.cli"}
-    for engine in ("proxy.forward", "proxy.exchange", "proxy.chain", "proxy.body",
+    for engine in ("proxy.forward", "proxy.exchange", "proxy.relay", "proxy.chain", "proxy.body",
                    "proxy.websocket", "proxy.runtime", "proxy.response",
                    "proxy.upstream.connection", "proxy.upstream.pool"):
         imported = _proxy_imports(engine)
