@@ -74,6 +74,17 @@ async def post_reload(edge: Edge, headers: dict[str, str] | None = None
         return resp.status, json.loads(text) if text.startswith("{") else {"text": text}
 
 
+async def assert_reload_error_reported(admin: int, cause: str) -> None:
+    """A failed reload shows in /status (with its cause) and in the reload metric."""
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://127.0.0.1:{admin}/status") as resp:
+            reload = json.loads(await resp.read())["reload"]
+        async with session.get(f"http://127.0.0.1:{admin}/metrics") as resp:
+            metrics = await resp.text()
+    assert reload["result"] == "error" and cause in reload["error"]
+    assert 'bascule_config_reloads_total{result="error"} 1.0' in metrics
+
+
 async def bodies(edge: Edge, count: int) -> collections.Counter[str]:
     seen: collections.Counter[str] = collections.Counter()
     async with aiohttp.ClientSession() as session:
@@ -121,13 +132,7 @@ async def test_broken_file_changes_nothing(tmp_path: Path, three: dict[str, int]
         assert f"{path}: upstreams.app.strategy: unknown strategy 'nope'" in result["error"]
         assert edge.forwarder.runtime is before
         assert await bodies(edge, 2) == {"a": 2}
-        async with aiohttp.ClientSession() as session:
-            async with session.get(f"http://127.0.0.1:{admin}/status") as resp:
-                reload = json.loads(await resp.read())["reload"]
-            async with session.get(f"http://127.0.0.1:{admin}/metrics") as resp:
-                metrics = await resp.text()
-        assert reload["result"] == "error" and "unknown strategy" in reload["error"]
-        assert 'bascule_config_reloads_total{result="error"} 1.0' in metrics
+        await assert_reload_error_reported(admin, "unknown strategy")
     finally:
         await edge.drain(1.0)
 
@@ -307,13 +312,7 @@ async def test_a_plugin_that_fails_to_start_changes_nothing(
         assert edge.forwarder.runtime is before
         assert before.upstreams["app"].pools and pool.idle_count == 1  # kept its pool
         assert await bodies(edge, 2) == {"a": 2}
-        async with aiohttp.ClientSession() as session:
-            async with session.get(f"http://127.0.0.1:{admin}/status") as resp:
-                reload = json.loads(await resp.read())["reload"]
-            async with session.get(f"http://127.0.0.1:{admin}/metrics") as resp:
-                metrics = await resp.text()
-        assert reload["result"] == "error" and "cannot reach the auth server" in reload["error"]
-        assert 'bascule_config_reloads_total{result="error"} 1.0' in metrics
+        await assert_reload_error_reported(admin, "cannot reach the auth server")
     finally:
         await edge.drain(1.0)
 
