@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy.errors import UpstreamInvalidResponse, UpstreamProtocolError, UpstreamTimeout
 from proxy.upstream.connection import (
@@ -179,3 +181,45 @@ async def test_a_whole_body_goes_out_with_the_head_in_one_write() -> None:
                body=[b"abc", b"def"])
     assert transport.writes == 1
     assert transport.take() == b"PUT / HTTP/1.1\r\nContent-Length: 6\r\n\r\nabcdef"
+
+
+RESPONSES = [
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\nX-A: 1\r\n\r\nhello world", b"hello world"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+     b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n", b"hello world"),
+    (b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+     b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", b"ok"),
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(which=st.integers(0, len(RESPONSES) - 1),
+       cuts=st.lists(st.integers(1, 200), max_size=8),
+       junk=st.sampled_from([b"", b"HTTP/1.1 200 OK\r\n\r\n", b"X", b"0\r\n\r\n"]))
+def test_any_split_of_the_bytes_gives_the_same_response(which: int, cuts: list[int],
+                                                        junk: bytes) -> None:
+    """However the backend's bytes are cut into reads, the response is the same, and
+    the connection is reusable exactly when nothing follows it."""
+    wire, body = RESPONSES[which]
+    data = wire + junk
+    points = sorted({c for c in cuts if c < len(data)})
+    reads = [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
+
+    async def run() -> tuple[bytes, bool]:
+        conn, _, _ = connected()
+        conn.begin(REQUEST, is_head=False)
+        conn.request_sent()
+        for piece in reads:
+            conn.data_received(piece)
+        head = await conn.read_head()
+        while isinstance(head, InterimHead):
+            head = await conn.read_head()
+        assert head.status == 200 and head.reason == b"OK"
+        got = b""
+        while chunk := await conn.read_chunk():
+            got += chunk
+        return got, conn.finish()
+
+    got, reusable = asyncio.run(run())
+    assert got == body
+    assert reusable is (junk == b"")
