@@ -16,89 +16,31 @@ backends that left discovery are dropped from the exposition.
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import os
 import platform
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import aiohttp
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
 from prometheus_client.exposition import generate_latest
-from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from proxy import __version__
+from proxy.metrics_local import (
+    DURATION_BUCKETS,
+    METHODS,
+    OTHER,
+    BackendStats,
+    FilteredRegistry,
+    RouteStats,
+    flush_histogram,
+    status_class,
+)
 
 __all__ = ["DURATION_BUCKETS", "METHODS", "Metrics", "status_class"]
-
-# 1 ms to 30 s: what a proxy's requests take, from cache hits to long uploads.
-DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-                    1.0, 2.5, 5.0, 10.0, 30.0)
-METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS",
-                     "CONNECT", "TRACE"})
-_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
-OTHER = "other"
-
-
-def status_class(status: int) -> str:
-    return _CLASSES[status // 100 - 1] if 100 <= status < 600 else OTHER
-
-
-class _LocalHistogram:
-    __slots__ = ("counts", "total")
-
-    def __init__(self) -> None:
-        self.counts = [0] * (len(DURATION_BUCKETS) + 1)
-        self.total = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(DURATION_BUCKETS, value)] += 1
-        self.total += value
-
-
-class _RouteStats:
-    __slots__ = ("bytes_in", "bytes_out", "duration", "requests")
-
-    def __init__(self) -> None:
-        self.requests: dict[tuple[str, str], int] = {}  # (method, code class) -> count
-        self.duration = _LocalHistogram()
-        self.bytes_in = 0
-        self.bytes_out = 0
-
-
-class _BackendStats:
-    __slots__ = ("connect_errors", "invalid_responses", "latency", "timeouts")
-
-    def __init__(self) -> None:
-        self.latency = _LocalHistogram()
-        self.connect_errors = 0
-        self.timeouts = 0
-        self.invalid_responses = 0
-
-
-class _FilteredRegistry:
-    """What /metrics exposes: the source collectors minus series of backends that
-    are no longer in discovery (multiprocess files cannot forget a label set)."""
-
-    def __init__(self, source: Any, live: Callable[[], dict[str, set[str]]]) -> None:
-        self._source = source
-        self._live = live
-
-    def collect(self) -> Iterator[Metric]:
-        live = self._live()
-        for family in self._source.collect():
-            samples = family.samples
-            if samples and "backend" in samples[0].labels:
-                family.samples = [
-                    s for s in samples
-                    if s.labels.get("backend") == OTHER
-                    or s.labels.get("backend") in live.get(s.labels.get("upstream", ""), ())
-                ]
-            yield family
-
 
 class Metrics:
     def __init__(self, *, multiprocess: bool, max_backend_series: int = 1000,
@@ -113,8 +55,8 @@ class Metrics:
         else:
             registry = CollectorRegistry(auto_describe=True)
         self.registry = registry
-        self._routes: dict[tuple[str, str], _RouteStats] = {}
-        self._backends: dict[tuple[str, str], _BackendStats] = {}
+        self._routes: dict[tuple[str, str], RouteStats] = {}
+        self._backends: dict[tuple[str, str], BackendStats] = {}
         self._backend_ids: set[str] = set()
         self._retries: dict[str, int] = {}
         self._budget_exhausted: dict[str, int] = {}
@@ -232,7 +174,7 @@ class Metrics:
                        duration: float, bytes_in: int, bytes_out: int) -> None:
         stats = self._routes.get((route, upstream))
         if stats is None:
-            stats = self._routes[(route, upstream)] = _RouteStats()
+            stats = self._routes[(route, upstream)] = RouteStats()
         key = (method if method in METHODS else OTHER, status_class(status))
         requests = stats.requests
         requests[key] = requests.get(key, 0) + 1
@@ -240,7 +182,7 @@ class Metrics:
         stats.bytes_in += bytes_in
         stats.bytes_out += bytes_out
 
-    def backend(self, upstream: str, backend_id: str) -> _BackendStats:
+    def backend(self, upstream: str, backend_id: str) -> BackendStats:
         stats = self._backends.get((upstream, backend_id))
         if stats is None:
             if (backend_id not in self._backend_ids
@@ -250,7 +192,7 @@ class Metrics:
                 self._backend_ids.add(backend_id)
             stats = self._backends.get((upstream, backend_id))
             if stats is None:
-                stats = self._backends[(upstream, backend_id)] = _BackendStats()
+                stats = self._backends[(upstream, backend_id)] = BackendStats()
         return stats
 
     def record_reload(self, ok: bool) -> None:
@@ -316,7 +258,7 @@ class Metrics:
         for (route, upstream), stats in routes.items():
             for (method, code), count in stats.requests.items():
                 self.requests_total.labels(route, upstream, method, code).inc(count)
-            _flush_histogram(self.request_duration.labels(route, upstream), stats.duration)
+            flush_histogram(self.request_duration.labels(route, upstream), stats.duration)
             if stats.bytes_in:
                 self.request_bytes.labels(route).inc(stats.bytes_in)
             if stats.bytes_out:
@@ -324,7 +266,7 @@ class Metrics:
         backends, self._backends = self._backends, {}
         for (upstream, backend_id), bstats in backends.items():
             if any(bstats.latency.counts):
-                _flush_histogram(self.upstream_duration.labels(upstream, backend_id),
+                flush_histogram(self.upstream_duration.labels(upstream, backend_id),
                                  bstats.latency)
             if bstats.connect_errors:
                 self.connect_errors.labels(upstream, backend_id).inc(bstats.connect_errors)
@@ -396,17 +338,7 @@ class Metrics:
             MultiProcessCollector(source)  # type: ignore[no-untyped-call]
         else:
             source = self.registry
-        return generate_latest(_FilteredRegistry(source, self._live))
-
-
-def _flush_histogram(child: Histogram, local: _LocalHistogram) -> None:
-    # prometheus-client has no bulk observe: add the accumulated per-bucket counts to
-    # the child's bucket values (non-cumulative, as observe() keeps them) and its sum.
-    buckets = child._buckets
-    for i, count in enumerate(local.counts):
-        if count:
-            buckets[i].inc(count)
-    child._sum.inc(local.total)
+        return generate_latest(FilteredRegistry(source, self._live))
 
 
 def multiprocess_dir_is_set() -> bool:
