@@ -20,12 +20,12 @@ import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlsplit
 
 from multidict import CIMultiDict, istr
 
+from plugins.cache.httpdate import parse_http_date
 from plugins.cache.near import NearCache
 from plugins.cache.policy import (
     accepts,
@@ -688,11 +688,8 @@ def _not_modified(request_headers: CIMultiDict[str], headers: CIMultiDict[str]) 
         if etag is None:
             return False
         return inm.strip() == "*" or _strip_weak(etag) in {_strip_weak(t) for t in inm.split(",")}
-    ims, modified = request_headers.get("If-Modified-Since"), headers.get("Last-Modified")
-    if ims and modified:
-        try:
-            return parsedate_to_datetime(modified) <= parsedate_to_datetime(ims)
-        except (TypeError, ValueError):
-            return False
-    return False
+    # §13.1.3: an If-Modified-Since that is not a valid HTTP-date is ignored
+    since = parse_http_date(request_headers.get("If-Modified-Since"))
+    modified = parse_http_date(headers.get("Last-Modified"))
+    return since is not None and modified is not None and modified <= since
 

@@ -64,6 +64,8 @@ ANSWERS = {
     "/bad-date": answer(f"Expires: {formatdate(time.time() + 600, usegmt=True)}",
                         "Date: 2026-12-02T00:00:00Z"),
     "/page": answer("Cache-Control: max-age=60"),
+    "/modified": answer("Cache-Control: max-age=60",
+                        "Last-Modified: Sun, 06 Nov 1994 08:49:37 GMT"),
 }
 
 
@@ -179,3 +181,18 @@ async def test_the_example_config_does_not_override_the_origin() -> None:
     assert not any(line.lstrip().startswith(("stale_while_revalidate", "stale_if_error"))
                    for line in active)
 
+
+
+async def test_if_modified_since_is_read_strictly(edge: Edge) -> None:
+    """RFC 9110 §13.1.3: a valid HTTP-date at or after Last-Modified gets a 304 from
+    the stored response; an invalid one (here in UTC) is ignored: the full response."""
+    await get(edge, "/modified")
+    valid = await raw_request(edge.ports[0], b"GET /modified HTTP/1.1\r\nHost: t\r\n"
+                              b"If-Modified-Since: Sun, 06 Nov 1994 08:49:37 GMT\r\n"
+                              b"Connection: close\r\n\r\n")
+    assert valid.startswith(b"HTTP/1.1 304 ")
+    invalid = await raw_request(edge.ports[0], b"GET /modified HTTP/1.1\r\nHost: t\r\n"
+                                b"If-Modified-Since: Sun, 06 Nov 1994 08:49:37 UTC\r\n"
+                                b"Connection: close\r\n\r\n")
+    assert invalid.startswith(b"HTTP/1.1 200 ") and invalid.endswith(b"ok")
+    assert hits["/modified"] == 1  # both answered from the stored response
