@@ -27,6 +27,7 @@ from multidict import CIMultiDict, istr
 
 from plugins.cache.httpdate import parse_http_date
 from plugins.cache.near import NearCache
+from plugins.cache.options import CacheOptions
 from plugins.cache.policy import (
     accepts,
     age_from,
@@ -42,16 +43,11 @@ from plugins.cache.ranges import RangeAnswer, answer_range
 from plugins.cache.redis_store import RedisStore
 from plugins.cache.store import CacheStore, Entry, MemoryStore
 from proxy.plugin import Handler, PluginContext, ProxyRequest, ProxyResponse
-from proxy.units import parse_duration, parse_size
 
 __all__ = ["Cache"]
 
 log = logging.getLogger("bascule.cache")
 
-_OPTIONS = {"store", "memory_max_size", "max_object_size", "heuristic_freshness",
-            "heuristic_cap", "ignore_set_cookie", "key_headers", "drop_query",
-            "lock_timeout", "stale_while_revalidate", "stale_if_error", "tag_headers",
-            "validator_grace", "near_cache_size", "near_cache_ttl", "targeted_cache_control"}
 _NOT_STORED = frozenset({"cache-status", "age"})
 _NO_STALE = ("no-cache", "must-revalidate", "proxy-revalidate")
 # Request fields that need the full chain (RFC 9111 request directives, RFC 9110
@@ -62,66 +58,30 @@ _QUICK_SKIP = frozenset(istr(h) for h in (
     "If-Match", "If-Unmodified-Since"))
 
 
-def _option(options: dict[str, Any], name: str, default: Any, parse: Callable[[Any], Any]
-            ) -> Any:
-    try:
-        return parse(options.get(name, default))
-    except ValueError as exc:
-        raise ValueError(f"{name}: {exc}") from None
-
-
-def _bool(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"must be true or false, got {value!r}")
-    return value
-
-
-def _names(value: Any) -> tuple[str, ...]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ValueError(f"must be a list of strings, got {value!r}")
-    return tuple(value)
-
-
-def _store_kind(value: Any) -> str:
-    if value not in ("memory", "redis"):
-        raise ValueError(f'must be "memory" or "redis", got {value!r}')
-    return str(value)
-
-
 def _seconds(value: str | None) -> float | None:
     return float(value) if value is not None and value.isdigit() else None
 
 
 class Cache:
     def __init__(self, options: dict[str, Any]) -> None:
-        for key in options:
-            if key not in _OPTIONS:
-                raise ValueError(f"{key}: unknown option (allowed: {', '.join(sorted(_OPTIONS))})")
+        o = CacheOptions.parse(options)
         self.options = dict(options)
-        self.store_kind = _option(options, "store", "memory", _store_kind)
-        self.store: CacheStore = MemoryStore(
-            _option(options, "memory_max_size", "64MiB", parse_size))
-        self.max_object_size = _option(options, "max_object_size", "8MiB", parse_size)
-        self.heuristic = _option(options, "heuristic_freshness", True, _bool)
-        self.heuristic_cap = _option(options, "heuristic_cap", "1h", parse_duration)
-        self.ignore_set_cookie = _option(options, "ignore_set_cookie", False, _bool)
-        self.key_headers = tuple(h.lower() for h in _option(options, "key_headers", [], _names))
-        self.drop_query = frozenset(_option(options, "drop_query", [], _names))
-        self.lock_timeout = _option(options, "lock_timeout", "5s", parse_duration)
-        self.stale_while_revalidate = _option(options, "stale_while_revalidate", "0s",
-                                              parse_duration)
-        self.stale_if_error = _option(options, "stale_if_error", "0s", parse_duration)
-        self.tag_headers = _option(options, "tag_headers", ["Cache-Tag", "Surrogate-Key"],
-                                   _names)
-        # Entries with a validator are kept this long past their stale windows, so a
-        # revalidation can still turn them into 304s (like nginx's `inactive`).
-        self.validator_grace = _option(options, "validator_grace", "10m", parse_duration)
-        self.near_cache_size = _option(options, "near_cache_size", "16MiB", parse_size)
-        self.near_cache_ttl = _option(options, "near_cache_ttl", "1s", parse_duration)
-        # RFC 9213: fields that, when present, set this cache's policy instead of
-        # Cache-Control and Expires (first present wins); passed on unchanged.
-        self.targeted = _option(options, "targeted_cache_control", ["CDN-Cache-Control"],
-                                _names)
+        self.store_kind = o.store_kind
+        self.store: CacheStore = MemoryStore(o.memory_max_size)
+        self.max_object_size = o.max_object_size
+        self.heuristic = o.heuristic
+        self.heuristic_cap = o.heuristic_cap
+        self.ignore_set_cookie = o.ignore_set_cookie
+        self.key_headers = o.key_headers
+        self.drop_query = o.drop_query
+        self.lock_timeout = o.lock_timeout
+        self.stale_while_revalidate = o.stale_while_revalidate
+        self.stale_if_error = o.stale_if_error
+        self.tag_headers = o.tag_headers
+        self.validator_grace = o.validator_grace
+        self.near_cache_size = o.near_cache_size
+        self.near_cache_ttl = o.near_cache_ttl
+        self.targeted = o.targeted
         self._fills: dict[str, asyncio.Future[None]] = {}
         self._refreshing: set[str] = set()
         self._background: set[asyncio.Task[Any]] = set()
