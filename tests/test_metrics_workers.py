@@ -98,8 +98,14 @@ async def test_two_workers_one_sum(tmp_path: Path, procs: list[subprocess.Popen[
 
     # A worker killed outright: its counts stay (totals never go backwards), its
     # live gauges go, and the replacement's counts add on.
-    os.kill(children_of(proc.pid)[0], signal.SIGKILL)
-    assert await asyncio.to_thread(poll, lambda: len(children_of(proc.pid)) == 2, 10)
+    victim = children_of(proc.pid)[0]
+    os.kill(victim, signal.SIGKILL)
+
+    def replaced() -> bool:  # the dead worker reaped (its socket gone) and a new one up
+        kids = children_of(proc.pid)
+        return len(kids) == 2 and victim not in kids
+
+    assert await asyncio.to_thread(poll, replaced, 10)
     await asyncio.to_thread(wait_port, port)
     await send_fresh_connections(port, 10)
     await scrape_until(admin, 50)
