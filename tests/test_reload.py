@@ -66,6 +66,14 @@ async def start_edge(path: Path) -> Edge:
     return edge
 
 
+async def edge_on(tmp_path: Path, backends: list[int]) -> tuple[Path, int, int, Edge]:
+    """An edge on a config file of its own: (file, port, admin port, edge)."""
+    path = tmp_path / "b.toml"
+    port, admin = free_port(), free_port()
+    path.write_text(config_text(port, admin, backends))
+    return path, port, admin, await start_edge(path)
+
+
 async def post_reload(edge: Edge, headers: dict[str, str] | None = None
                       ) -> tuple[int, dict[str, Any]]:
     async with aiohttp.ClientSession() as session, session.post(
@@ -97,10 +105,7 @@ async def bodies(edge: Edge, count: int) -> collections.Counter[str]:
 
 async def test_reload_applies_new_backends_and_keeps_state(tmp_path: Path,
                                                            three: dict[str, int]) -> None:
-    path = tmp_path / "b.toml"
-    port, admin = free_port(), free_port()
-    path.write_text(config_text(port, admin, [three["a"]]))
-    edge = await start_edge(path)
+    path, port, admin, edge = await edge_on(tmp_path, [three["a"]])
     try:
         assert await bodies(edge, 2) == {"a": 2}
         old_backend = edge.forwarder.runtime.upstreams["app"].balancer.backends[0]
@@ -119,10 +124,7 @@ async def test_reload_applies_new_backends_and_keeps_state(tmp_path: Path,
 
 
 async def test_broken_file_changes_nothing(tmp_path: Path, three: dict[str, int]) -> None:
-    path = tmp_path / "b.toml"
-    port, admin = free_port(), free_port()
-    path.write_text(config_text(port, admin, [three["a"]]))
-    edge = await start_edge(path)
+    path, port, admin, edge = await edge_on(tmp_path, [three["a"]])
     try:
         before = edge.forwarder.runtime
         path.write_text(config_text(port, admin, [three["b"]]).replace(
@@ -293,10 +295,7 @@ async def test_a_plugin_that_fails_to_start_changes_nothing(
     is taken from the running runtime (its warm pool stays), closes what was built,
     and is reported like a bad file (answer, /status, metric)."""
     FailingStart.closed = 0
-    path = tmp_path / "b.toml"
-    port, admin = free_port(), free_port()
-    path.write_text(config_text(port, admin, [three["a"]]))
-    edge = await start_edge(path)
+    path, port, admin, edge = await edge_on(tmp_path, [three["a"]])
     try:
         before = edge.forwarder.runtime
         assert await bodies(edge, 2) == {"a": 2}
@@ -322,10 +321,7 @@ async def test_a_consul_service_without_an_answer_fails_the_reload(
     """The first Consul answer is part of prepare: a reload to a service Consul does
     not answer for (here: no agent at all) is refused instead of swapping in an
     upstream with no backends."""
-    path = tmp_path / "b.toml"
-    port, admin = free_port(), free_port()
-    path.write_text(config_text(port, admin, [three["a"]]))
-    edge = await start_edge(path)
+    path, port, admin, edge = await edge_on(tmp_path, [three["a"]])
     try:
         before = edge.forwarder.runtime
         path.write_text(config_text(port, admin, [three["a"]]).replace(

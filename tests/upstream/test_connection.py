@@ -32,6 +32,12 @@ def connected(limits: ResponseLimits | None = None) -> tuple[UpstreamConnection,
     return conn, transport, reports
 
 
+def send(conn: UpstreamConnection) -> None:
+    """Start an exchange with a bodiless request, wholly sent."""
+    conn.begin(REQUEST, is_head=False)
+    conn.request_sent()
+
+
 async def exchange(conn: UpstreamConnection, *reads: bytes,
                    is_head: bool = False) -> tuple[ResponseHead, bytes]:
     conn.begin(REQUEST, is_head=is_head)
@@ -92,8 +98,7 @@ async def test_bytes_on_an_idle_connection_close_it() -> None:
 
 async def test_interim_heads_come_first_then_the_final_one() -> None:
     conn, _, _ = connected()
-    conn.begin(REQUEST, is_head=False)
-    conn.request_sent()
+    send(conn)
     conn.data_received(b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n")
     first = await conn.read_head()
     assert isinstance(first, InterimHead) and first.encode().startswith(
@@ -107,8 +112,7 @@ async def test_interim_heads_come_first_then_the_final_one() -> None:
 
 async def test_a_close_delimited_body_completes_at_close_and_is_not_reused() -> None:
     conn, transport, _ = connected()
-    conn.begin(REQUEST, is_head=False)
-    conn.request_sent()
+    send(conn)
     conn.data_received(b"HTTP/1.1 200 OK\r\n\r\nuntil close")
     assert conn.phase is Phase.READING_BODY
     transport.close()
@@ -119,8 +123,7 @@ async def test_a_close_delimited_body_completes_at_close_and_is_not_reused() -> 
 
 async def test_a_close_before_the_head_fails_the_exchange() -> None:
     conn, transport, _ = connected()
-    conn.begin(REQUEST, is_head=False)
-    conn.request_sent()
+    send(conn)
     conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Len")
     transport.close()
     with pytest.raises(UpstreamProtocolError, match="backend closed the connection"):
@@ -134,8 +137,7 @@ async def test_a_close_before_the_head_fails_the_exchange() -> None:
 ])
 async def test_head_limits(answer: bytes) -> None:
     conn, transport, _ = connected(ResponseLimits(max_head_size=2048, max_headers=10))
-    conn.begin(REQUEST, is_head=False)
-    conn.request_sent()
+    send(conn)
     conn.data_received(answer)
     with pytest.raises(UpstreamInvalidResponse):
         await conn.read_head()
@@ -144,8 +146,7 @@ async def test_head_limits(answer: bytes) -> None:
 
 async def test_a_head_trickled_over_many_reads_is_cut_at_the_limit() -> None:
     conn, transport, _ = connected(ResponseLimits(max_head_size=2048, max_headers=1000))
-    conn.begin(REQUEST, is_head=False)
-    conn.request_sent()
+    send(conn)
     conn.data_received(b"HTTP/1.1 200 OK\r\n")
     fed = 0
     while not transport.aborted:
@@ -167,8 +168,7 @@ async def test_a_request_not_sent_whole_is_never_reused() -> None:
 
 async def test_the_response_header_deadline() -> None:
     conn, transport, _ = connected()
-    conn.begin(REQUEST, is_head=False)
-    conn.request_sent()
+    send(conn)
     conn.arm_timer(0.01, "response header")
     with pytest.raises(UpstreamTimeout, match="response header timeout"):
         await conn.read_head()
