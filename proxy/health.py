@@ -1,21 +1,25 @@
-"""Backend health for one upstream in one worker: active checks, passive outlier
-ejection, panic mode and slow start. A backend receives traffic when it passes the
-active checks (if configured) and is not ejected; Consul's own checks apply before
-that, since discovery only publishes instances Consul considers healthy.
+"""Backend health for one upstream in one worker: what the agent decides (active
+checks, ejections) applied here, plus panic mode and slow start. A backend receives
+traffic when it passes the active checks (if configured) and is not ejected; Consul's
+own checks apply before that, since discovery only publishes instances Consul
+considers healthy.
 
-- Active (`[upstreams.X.health]`): GET `path` every `interval` (+ random jitter so a
-  fleet does not check in lockstep), `timeout`, `expected_statuses`, optional Host;
-  `fall` consecutive failures take a backend out, `rise` successes bring it back.
-- Passive (`[upstreams.X.outlier]`, Envoy's outlier detection): `consecutive_failures`
-  5xx answers or connect failures eject a backend for base_ejection_time x the number
-  of its ejections (capped at max_ejection_time); never more than
-  max_ejection_percent of the upstream, though at least one backend may be ejected.
+- Active (`[upstreams.X.health]`): GET `path` every `interval` (+ random jitter),
+  `timeout`, `expected_statuses`, optional Host; `fall` consecutive failures take a
+  backend out, `rise` successes bring it back. Probed once per Bascule, however many
+  workers (proxy/agent/prober.py); every worker gets the same verdict.
+- Passive (`[upstreams.X.outlier]`, Envoy's outlier detection): this worker counts
+  consecutive 5xx answers or connect failures; at `consecutive_failures` it reports
+  to the agent, which ejects once for every worker for base_ejection_time x the
+  number of ejections (capped at max_ejection_time), never more than
+  max_ejection_percent of the upstream, though at least one backend may be ejected
+  (proxy/agent/outliers.py). Ejections end here, on time, even without the agent.
 - Panic (`panic_threshold`): below that share of healthy backends, the balancer
   spreads over all of them instead.
 - Slow start (`slow_start`): a new or recovered backend's weight ramps up linearly
   (for strategies where weight is a share of traffic picked per request).
 
-Every state change is logged once with its reason, counted in
+Every state change is logged once per worker with its reason, counted in
 bascule_backend_state_changes_total and visible in /status.
 """
 
@@ -23,18 +27,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
-import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-import aiohttp
-
+from proxy.agent.wire import Message, spec_key
 from proxy.config import UpstreamConfig
 from proxy.models import Backend
 
-__all__ = ["BackendHealth", "HealthMonitor"]
+__all__ = ["BackendHealth", "HealthLink", "HealthMonitor"]
 
 log = logging.getLogger("bascule.health")
 
@@ -57,6 +59,24 @@ class BackendHealth:
                 "ejections": self.ejections, "reason": self.reason or None}
 
 
+class HealthLink(Protocol):
+    """What a monitor needs of the worker's link to the agent (proxy/agent/link.py),
+    named here so the request path never imports the agent's assembly."""
+
+    def set_health(self, sub: str, check: Any, targets: list[Any],
+                   listener: Callable[[Message], None]) -> None: ...
+
+    def drop_health(self, sub: str) -> None: ...
+
+    def subscribe_outliers(self, okey: str, spec: Any,
+                           listener: Callable[[Message], None]) -> None: ...
+
+    def unsubscribe_outliers(self, okey: str,
+                             listener: Callable[[Message], None]) -> None: ...
+
+    def report_outlier(self, okey: str, backend_id: str, backends: int) -> None: ...
+
+
 class HealthMonitor:
     def __init__(self, name: str, config: UpstreamConfig, balancer: Any) -> None:
         self.name = name
@@ -65,10 +85,17 @@ class HealthMonitor:
         self.states: dict[str, BackendHealth] = {}
         self.on_change: Any = lambda upstream, backend, state, reason: None
         self._tasks: list[asyncio.Task[None]] = []
-        self._session: aiohttp.ClientSession | None = None
-        self._rng = random.Random()
         self.outlier_on = config.outlier.consecutive_failures > 0
         self._failing: dict[str, bool] = {}  # backends with a current error streak
+        self._link: HealthLink | None = None
+        # Shared by every worker (and by the next runtime after a reload with the
+        # same settings): the agent's ejections are per upstream and outlier config.
+        outlier = config.outlier.model_dump(mode="json")
+        self.outlier_spec = outlier
+        self.outlier_key = spec_key({"upstream": name, "outlier": outlier})
+        self.check_spec = (config.health.model_dump(mode="json")
+                           if config.health is not None else None)
+        self.health_sub = f"{name}@{id(self):x}"  # this runtime's subscription
 
     # -- passive: called by the forwarder --------------------------------------------
 
@@ -84,24 +111,50 @@ class HealthMonitor:
         self._failing[backend.id] = True
         state.consecutive_errors += 1
         if (state.consecutive_errors >= self.config.outlier.consecutive_failures
-                and state.ejected_until <= time.monotonic()):
-            self._eject(backend, state)
+                and state.ejected_until <= time.monotonic() and self._link is not None):
+            state.consecutive_errors = 0  # the next streak reports again
+            self._link.report_outlier(self.outlier_key, backend.id,
+                                      len(self.balancer.backends))
 
-    def _eject(self, backend: Backend, state: BackendHealth) -> None:
-        outlier = self.config.outlier
-        backends = self.balancer.backends
-        now = time.monotonic()
-        ejected = sum(1 for b in backends if self._state(b).ejected_until > now)
-        allowed = max(1, math.floor(len(backends) * outlier.max_ejection_percent / 100))
-        if ejected >= allowed:
-            return  # max_ejection_percent: keep the rest serving
-        state.ejections += 1
-        duration = min(outlier.max_ejection_time,
-                       outlier.base_ejection_time * state.ejections)
-        state.ejected_until = now + duration
+    # -- from the agent ---------------------------------------------------------------
+
+    def _backend(self, backend_id: str) -> Backend | None:
+        for backend in self.balancer.backends:
+            if backend.id == backend_id:
+                return backend  # type: ignore[no-any-return]
+        return None
+
+    def _on_eject(self, message: Message) -> None:
+        _, _, backend_id, seconds, ejections = message
+        backend = self._backend(backend_id)
+        if backend is None:
+            return
+        state = self._state(backend)
+        state.ejections = int(ejections)
+        state.ejected_until = time.monotonic() + float(seconds)
         state.consecutive_errors = 0
-        self._apply(backend, state, f"ejected for {duration:g}s after "
-                                    f"{outlier.consecutive_failures} consecutive failures")
+        self._apply(backend, state, f"ejected for {float(seconds):g}s after "
+                                    f"{self.config.outlier.consecutive_failures} "
+                                    "consecutive failures")
+
+    def _on_health(self, message: Message) -> None:
+        _, _, backend_id, up, reason = message
+        backend = self._backend(backend_id)
+        if backend is None:
+            return
+        state = self._state(backend)
+        if state.active_ok == bool(up):
+            return
+        state.active_ok = bool(up)
+        self._apply(backend, state, str(reason))
+
+    def backends_changed(self) -> None:
+        """Discovery changed the backends: the agent checks the new set."""
+        if self._link is None or self.check_spec is None:
+            return
+        targets = [[b.id, b.host, b.port, self._state(b).active_ok]
+                   for b in self.balancer.backends]
+        self._link.set_health(self.health_sub, self.check_spec, targets, self._on_health)
 
     # -- state ------------------------------------------------------------------------
 
@@ -143,17 +196,23 @@ class HealthMonitor:
 
     # -- background: active checks, ejection expiry, slow start -----------------------
 
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+    def start(self, loop: asyncio.AbstractEventLoop, link: HealthLink) -> None:
+        self._link = link
+        if self.outlier_on:
+            link.subscribe_outliers(self.outlier_key, self.outlier_spec, self._on_eject)
+        self.backends_changed()
         self._tasks.append(loop.create_task(self._tick_forever()))
-        if self.config.health is not None:
-            self._tasks.append(loop.create_task(self._check_forever()))
 
     async def stop(self) -> None:
+        link, self._link = self._link, None
+        if link is not None:
+            if self.outlier_on:
+                link.unsubscribe_outliers(self.outlier_key, self._on_eject)
+            if self.check_spec is not None:
+                link.drop_health(self.health_sub)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._session is not None:
-            await self._session.close()
 
     async def _tick_forever(self, interval: float = 0.25) -> None:
         slow_start = self.config.slow_start
@@ -168,38 +227,3 @@ class HealthMonitor:
                 if backend.ramp < 1.0:
                     backend.ramp = 1.0 if not slow_start else min(
                         1.0, max(0.05, (now - state.admitted_at) / slow_start))
-
-    async def _check_forever(self) -> None:
-        health = self.config.health
-        assert health is not None
-        self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=health.timeout), trust_env=False,
-            cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False)
-        while True:
-            await asyncio.gather(*(self._check(b) for b in self.balancer.backends))
-            await asyncio.sleep(health.interval + self._rng.random() * health.jitter)
-
-    async def _check(self, backend: Backend) -> None:
-        health = self.config.health
-        assert health is not None and self._session is not None
-        headers = {"Host": health.host} if health.host else {}
-        try:
-            async with self._session.get(f"http://{backend.address}{health.path}",
-                                         headers=headers, allow_redirects=False) as resp:
-                await resp.read()
-                ok, why = health.accepts(resp.status), f"health check answered {resp.status}"
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            ok, why = False, f"health check failed: {type(exc).__name__} {exc}".strip()
-        state = self._state(backend)
-        if ok:
-            state.failures = 0
-            state.successes += 1
-            if not state.active_ok and state.successes >= health.rise:
-                state.active_ok = True
-                self._apply(backend, state, f"{health.rise} health checks passed")
-        else:
-            state.successes = 0
-            state.failures += 1
-            if state.active_ok and state.failures >= health.fall:
-                state.active_ok = False
-                self._apply(backend, state, f"{why} ({health.fall} times)")

@@ -32,8 +32,8 @@ class Discovery(Protocol):
 
     registered_id: str | None
 
-    async def start(self, metrics: Any, *, register: bool, admin_address: tuple[str, int],
-                    public_port: int) -> list[str]: ...
+    async def start(self, metrics: Any, *, link: Any, register: bool,
+                    admin_address: tuple[str, int], public_port: int) -> list[str]: ...
 
     async def stop(self) -> None: ...
 
@@ -72,6 +72,11 @@ class Upstream:
 
     def pool_for(self, backend: Backend) -> BackendPool:
         pool = self.pools.get(backend.id)
+        if pool is not None and (pool.host != backend.host or pool.port != backend.port):
+            # Same instance id at a new address (a re-registration with a new port):
+            # connections to the old address must not serve it.
+            pool.close()
+            pool = None
         if pool is None:
             pool = self.pools[backend.id] = BackendPool(
                 backend.host, backend.port,

@@ -22,6 +22,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from proxy.accesslog import AccessLog
 from proxy.admin import AdminApi
+from proxy.agent.link import AGENT_SOCKET_ENV, Link, LocalLink, SocketLink
 from proxy.config import ServerConfig, parse_hostport
 from proxy.forward import Forwarder
 from proxy.listeners import claim_port, listen_socket
@@ -243,6 +244,12 @@ class Edge:
         self.listeners: list[asyncio.Server] = []
         self.admin_listener: asyncio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        # The hub of discovery, health checks and ejections: the agent process's
+        # when supervised (its socket in the environment), else one in this process.
+        self.link: Link = LocalLink()
+        agent_path = os.environ.get(AGENT_SOCKET_ENV) if supervised else None
+        if agent_path:
+            self.link = SocketLink(agent_path)
 
     async def start(self, *, admin: bool = True,
                     sockets: dict[str, socket.socket] | None = None) -> None:
@@ -252,6 +259,8 @@ class Edge:
         loop = asyncio.get_running_loop()
         runtime = self.forwarder.runtime
         runtime.loop = loop
+        if isinstance(self.link, SocketLink):
+            self.link.start()
         self.metrics.watch(lambda: self.forwarder.runtime.live_backends(),
                            lambda: self.forwarder.runtime.backend_gauges())
         self.metrics.config_loaded_now(runtime.config_hash)
@@ -297,11 +306,12 @@ class Edge:
         loop = asyncio.get_running_loop()
         for upstream in runtime.upstreams.values():
             upstream.health.on_change = self.metrics.record_state_change
-            upstream.health.start(loop)
+            upstream.health.start(loop, self.link)
 
     def discovery_args(self) -> dict[str, Any]:
         runtime = self.forwarder.runtime
         return {
+            "link": self.link,
             "admin_address": parse_hostport(runtime.config.admin.listen,
                                             default_host="0.0.0.0"),
             "public_port": parse_hostport(runtime.server.listen[0],
@@ -358,6 +368,7 @@ class Edge:
             self.admin_listener.close()
             await self.admin.shutdown(1.0)
         await self.forwarder.runtime.aclose()
+        await self.link.close()
         self.access_log.close()
 
 

@@ -4,7 +4,11 @@ and restarted (with backoff when it keeps crashing). SIGTERM/SIGINT are passed o
 every worker drains; the supervisor exits 0 once all have stopped.
 
 The supervisor claims every listen address before anything else (proxy/listeners.py)
-and makes each worker's listening sockets just before forking it. A worker never
+and makes each worker's listening sockets just before forking it. It also forks the
+discovery agent (proxy/agent/process.py): Consul watches, active health checks and
+ejection decisions run there once for all workers, which reach it over a Unix socket
+the supervisor made first (in a private directory) and keeps, so the agent can be
+restarted, like a worker, without the workers noticing more than a reconnect. A worker never
 outlives its supervisor: it asks the kernel for SIGTERM when the supervisor dies
 (PR_SET_PDEATHSIG, Linux), and checks its parent right after, in case the
 supervisor died before the request was made. SIGTERM makes it drain and exit.
@@ -29,6 +33,7 @@ from collections.abc import Callable
 
 from prometheus_client.multiprocess import mark_process_dead
 
+from proxy.agent.link import AGENT_SOCKET_ENV
 from proxy.app import build_runtime
 from proxy.config import Config
 from proxy.listeners import PortInUse, claim_port, listening_socket
@@ -43,14 +48,19 @@ log = logging.getLogger("bascule.workers")
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
-def _die_with_parent(parent: int) -> None:
+_PR_SET_NAME = 15
+
+
+def _die_with_parent(parent: int, name: bytes) -> None:
     """SIGTERM when the supervisor dies (SIGKILL, the OOM killer): a worker left
-    behind would keep serving the port beside the next Bascule."""
+    behind would keep serving the port beside the next Bascule. Also names the
+    process (`ps -o comm`, /proc/PID/comm: bascule-worker, bascule-agent)."""
     if not sys.platform.startswith("linux"):
         return
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        libc.prctl(_PR_SET_NAME, ctypes.c_char_p(name[:15]), 0, 0, 0)
     except OSError:
         log.warning("could not ask to be stopped with the supervisor (prctl)")
     if os.getppid() != parent:  # died before prctl took effect
@@ -94,7 +104,53 @@ def _worker_main(config: Config, file: str, worker_id: int,
         return 1
 
 
-def _spawn(config: Config, file: str, worker_id: int) -> int:
+AGENT = 0  # the agent's id among the supervisor's children; workers count from 1
+
+
+def _agent_main(config: Config, listening: socket.socket) -> int:
+    from proxy.agent.process import serve_agent
+
+    stop_requested: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _frame: stop_requested.append(signum))
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    try:
+        loop_factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop
+        if config.server.uvloop:
+            import uvloop
+
+            loop_factory = uvloop.new_event_loop
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(serve_agent(listening, stop_requested))
+        return 0
+    except Exception:
+        log.exception("discovery agent failed")
+        return 1
+
+
+def _spawn_agent(config: Config, listening: socket.socket) -> int:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    parent = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            _die_with_parent(parent, b"bascule-agent")
+            code = _agent_main(config, listening)
+        finally:
+            logging.shutdown()
+            os._exit(code)
+    log.info("discovery agent started (pid %d)", pid)
+    return pid
+
+
+def _spawn(config: Config, file: str, worker_id: int,
+           agent_socket: socket.socket | None = None) -> int:
+    if worker_id == AGENT:
+        assert agent_socket is not None
+        return _spawn_agent(config, agent_socket)
     sys.stdout.flush()
     sys.stderr.flush()
     sockets = _worker_sockets(config)
@@ -103,7 +159,9 @@ def _spawn(config: Config, file: str, worker_id: int) -> int:
     if pid == 0:
         code = 1
         try:
-            _die_with_parent(parent)
+            _die_with_parent(parent, b"bascule-worker")
+            if agent_socket is not None:
+                agent_socket.close()  # the agent's to accept on, not a worker's
             code = _worker_main(config, file, worker_id, sockets)
         finally:
             logging.shutdown()
@@ -160,18 +218,27 @@ def run_supervisor(config: Config, file: str) -> int:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     purge_dir = tempfile.mkdtemp(prefix="bascule-purge-")  # proxy/purge.py
     os.environ[PURGE_DIR_ENV] = purge_dir
+    agent_dir = tempfile.mkdtemp(prefix="bascule-agent-")  # 0700: ours alone
+    agent_path = os.path.join(agent_dir, "agent.sock")
+    agent_socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    agent_socket.bind(agent_path)
+    agent_socket.listen(1024)  # every worker's reconnect fits while the agent restarts
+    os.environ[AGENT_SOCKET_ENV] = agent_path
     try:
-        return _supervise(config, file, metrics_dir)
+        return _supervise(config, file, metrics_dir, agent_socket)
     finally:
         for claim in claims:
             claim.close()
+        agent_socket.close()
         shutil.rmtree(metrics_dir, ignore_errors=True)
         shutil.rmtree(purge_dir, ignore_errors=True)
+        shutil.rmtree(agent_dir, ignore_errors=True)
 
 
-def _supervise(config: Config, file: str, metrics_dir: str) -> int:
+def _supervise(config: Config, file: str, metrics_dir: str,
+               agent_socket: socket.socket) -> int:
     count = config.server.worker_count()
-    workers: dict[int, int] = {}  # pid -> worker id
+    workers: dict[int, int] = {}  # pid -> worker id (AGENT for the agent)
     stopping = False
     crashes: dict[int, list[float]] = {}
 
@@ -179,15 +246,27 @@ def _supervise(config: Config, file: str, metrics_dir: str) -> int:
         nonlocal stopping
         if signum in (signal.SIGTERM, signal.SIGINT):
             stopping = True
-        for pid in list(workers):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signum)
+        # The agent is stopped last (below), once no worker needs it while draining.
+        for pid, worker_id in list(workers.items()):
+            if worker_id != AGENT:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signum)
+        stop_agent_if_alone()
+
+    def stop_agent_if_alone() -> None:
+        if stopping and set(workers.values()) == {AGENT}:
+            for pid in workers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
         signal.signal(sig, forward)
 
+    workers[_spawn(config, file, AGENT, agent_socket)] = AGENT
     for worker_id in range(1, count + 1):
-        workers[_spawn(config, file, worker_id)] = worker_id
+        workers[_spawn(config, file, worker_id, agent_socket)] = worker_id
+    if stopping:  # a stop that came while forking: pass it to the late ones too
+        forward(signal.SIGTERM, None)
     log.info("bascule serving on %s with %d worker(s)", ", ".join(config.server.listen), count)
 
     exit_code = 0
@@ -196,27 +275,30 @@ def _supervise(config: Config, file: str, metrics_dir: str) -> int:
             pid, status = os.wait()
         except ChildProcessError:
             break
-        worker_id = workers.pop(pid, 0)
-        if not worker_id:
+        worker_id = workers.pop(pid, -1)
+        if worker_id < 0:
             continue
         # A dead worker's live gauges (in-flight, up) must not count any more; its
         # counters stay, so totals never go backwards.
         mark_process_dead(pid, metrics_dir)  # type: ignore[no-untyped-call]
         code = os.waitstatus_to_exitcode(status)
+        stop_agent_if_alone()
         if stopping:
             if code != 0:
-                log.warning("worker %d (pid %d) exited with %d while stopping",
-                            worker_id, pid, code)
+                log.warning("%s (pid %d) exited with %d while stopping",
+                            "discovery agent" if worker_id == AGENT else f"worker {worker_id}",
+                            pid, code)
                 exit_code = 1
             continue
-        log.error("worker %d (pid %d) died unexpectedly (%s); restarting",
-                  worker_id, pid, f"signal {-code}" if code < 0 else f"exit {code}")
+        log.error("%s (pid %d) died unexpectedly (%s); restarting",
+                  "discovery agent" if worker_id == AGENT else f"worker {worker_id}", pid,
+                  f"signal {-code}" if code < 0 else f"exit {code}")
         now = time.monotonic()
         recent = [t for t in crashes.get(worker_id, []) if now - t < 10] + [now]
         crashes[worker_id] = recent
         if len(recent) > 3:
             time.sleep(min(5.0, 0.5 * len(recent)))  # crash loop: back off
         if not stopping:
-            workers[_spawn(config, file, worker_id)] = worker_id
+            workers[_spawn(config, file, worker_id, agent_socket)] = worker_id
     log.info("bascule stopped")
     return exit_code

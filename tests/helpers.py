@@ -139,7 +139,9 @@ def run_bascule(config_path: Path, **kw: Any) -> subprocess.Popen[bytes]:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, **kw)
 
 
-def children_of(pid: int) -> list[int]:
+def children_of(pid: int, name: str | None = "bascule-worker") -> list[int]:
+    """Child processes of `pid`; by default its workers (named by prctl in
+    proxy/workers.py), `name=None` for all of them."""
     out = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -147,7 +149,8 @@ def children_of(pid: int) -> list[int]:
                 stat = Path(f"/proc/{entry}/stat").read_text()
             except OSError:
                 continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            comm = stat[stat.index("(") + 1:stat.rindex(")")]
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and name in (None, comm):
                 out.append(int(entry))
     return out
 

@@ -160,6 +160,13 @@ async def test_demo_balances_over_three_named_backends(
     assert await asyncio.to_thread(proc.wait, 15) == 0
 
 
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return "?"
+
+
 def _alive(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -215,11 +222,13 @@ async def test_workers_exit_when_the_supervisor_is_killed(
     await asyncio.to_thread(wait_port, port)
     assert await asyncio.to_thread(poll, lambda: len(children_of(proc.pid)) == 2, 30), \
         "the two workers did not start"
-    workers = children_of(proc.pid)
+    workers = children_of(proc.pid, name=None)  # the agent too
+    assert len(workers) == 3
     proc.kill()  # as the OOM killer would: no chance to stop the workers itself
     await asyncio.to_thread(proc.wait, 10)
     assert await asyncio.to_thread(
-        poll, lambda: not any(_alive(pid) for pid in workers), 20), "workers outlived it"
+        poll, lambda: not any(_alive(pid) for pid in workers), 20), \
+        f"outlived it: {[(pid, _comm(pid)) for pid in workers if _alive(pid)]}"
 
     def refused() -> bool:  # nobody serves the port any more
         try:

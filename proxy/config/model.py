@@ -183,6 +183,10 @@ class ConsulConfig(Strict):
     wait: Duration = 300.0
     ca_file: str | None = None
     startup_wait: Duration = 5.0
+    # The most connections Bascule holds to the agent, whatever its workers and
+    # services (proxy/discovery/source.py); well below Consul's default
+    # limits.http_max_conns_per_client of 200.
+    max_connections: int = Field(default=32, ge=4, le=1000)
     # `register` would shadow ABCMeta.register on the model class: aliased.
     self_register: ConsulRegisterConfig | None = Field(default=None, alias="register")
 

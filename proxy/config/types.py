@@ -10,13 +10,21 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    PlainSerializer,
 )
 
 from proxy.units import parse_duration, parse_size
 
 __all__ = ["Duration", "Size", "Strict", "parse_hostport"]
 
-Duration = Annotated[float, BeforeValidator(parse_duration)]
+def duration_text(seconds: float) -> str:
+    """A duration as the config writes it ("0.25s"), so that a JSON dump of a
+    model (sent to the agent, proxy/agent/wire.py) validates back to the same."""
+    return f"{seconds:.6f}".rstrip("0").rstrip(".") + "s"
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration),
+                     PlainSerializer(duration_text, return_type=str, when_used="json")]
 Size = Annotated[int, BeforeValidator(parse_size)]
 
 

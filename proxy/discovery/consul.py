@@ -1,5 +1,7 @@
-"""Consul discovery: blocking queries on /v1/health/service/<name>, one watcher per
-distinct (service, tags, datacenter, passing filter) in each worker.
+"""Consul discovery: the agent client, and blocking queries on
+/v1/health/service/<name>, one per distinct (service, tags, datacenter, passing
+filter) while few services are watched (proxy/discovery/source.py chooses; past that,
+proxy/discovery/catalog.py watches the whole catalog instead).
 
 Follows Consul's blocking-query rules (api-docs/features/blocking, "Implementation
 details"): the index from X-Consul-Index is sent back with `wait`; an index that
@@ -17,6 +19,14 @@ watchdog restarts the query from index 0 when no answer succeeded for longer tha
 Plain aiohttp rather than py-consul: its health.service() returns only (index,
 data), hiding the X-Consul-LastContact/X-Consul-KnownLeader headers `max_stale`
 needs, and it gives no control of per-request timeouts for the watchdog.
+
+Connections: one ConsulClient per Bascule process tree (it lives in the discovery
+agent, proxy/agent/), and its connector never holds more than `max_connections` to
+the agent, whatever the number of workers or watched services. A Consul agent
+refuses a client above `limits.http_max_conns_per_client` (200 by default since
+Consul PR #7289) with `429 Too Many Requests` ("Your IP is issuing too many
+concurrent connections", hashicorp/go-connlimit); a 429 is backed off like any
+error, honouring Retry-After when the agent sends one.
 """
 
 from __future__ import annotations
@@ -28,15 +38,16 @@ import random
 import socket
 import ssl
 import time
-from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import aiohttp
 
-from proxy.discovery.consul_entries import ConsulEntryError, backends_from_entries, same_backends
-from proxy.models import Backend, BackendSet
+from proxy.discovery.consul_entries import ConsulEntryError
 
-__all__ = ["ConsulClient", "ConsulError", "ConsulWatch", "Subscriber", "consul_address"]
+__all__ = ["WATCH_ERRORS", "ConsulClient", "ConsulError", "ConsulThrottled", "ConsulWatch",
+           "QueryListener", "ServiceQuery", "backoff_delay", "consul_address",
+           "default_service_id", "failure_message"]
 
 log = logging.getLogger("bascule.consul")
 
@@ -46,6 +57,21 @@ MAX_BACKOFF = 30.0
 
 class ConsulError(Exception):
     pass
+
+
+class ConsulThrottled(ConsulError):
+    """429 from the agent: too many connections or requests from us."""
+
+    def __init__(self, message: str, retry_after: float | None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return max(0.0, float(value)) if value else None
+    except ValueError:
+        return None
 
 
 def answer_margin(wait: float) -> float:
@@ -66,42 +92,55 @@ class ConsulClient:
     X-Consul-Token header; it is never put in a URL or a log line."""
 
     def __init__(self, address: str, *, token: str | None, datacenter: str,
-                 consistency: str, max_stale: float, ca_file: str | None) -> None:
+                 consistency: str, max_stale: float, ca_file: str | None,
+                 max_connections: int = 32) -> None:
         self.address = address
         self.datacenter = datacenter
         self.consistency = consistency
         self.max_stale = max_stale
+        self.max_connections = max_connections
         self._headers = {"X-Consul-Token": token} if token else {}
         self._ssl: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca_file) \
             if ca_file else True
         self._session: aiohttp.ClientSession | None = None
+        self.throttled = 0  # 429 answers seen
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
                 headers=self._headers, trust_env=False,
-                connector=aiohttp.TCPConnector(ssl=self._ssl, limit=0))
+                connector=aiohttp.TCPConnector(ssl=self._ssl, limit=self.max_connections))
         return self._session
 
-    async def health_service(self, service: str, *, index: int, wait: float,
-                             tags: tuple[str, ...], passing: bool, datacenter: str
-                             ) -> tuple[Any, int]:
-        params: list[tuple[str, str]] = [("wait", f"{int(wait)}s")]
-        if index:
-            params.append(("index", str(index)))
-        if passing:
-            params.append(("passing", "1"))
-        params += [("tag", tag) for tag in tags]
+    def _common(self, datacenter: str = "") -> list[tuple[str, str]]:
+        params: list[tuple[str, str]] = []
         dc = datacenter or self.datacenter
         if dc:
             params.append(("dc", dc))
         if self.consistency in ("stale", "consistent"):
             params.append((self.consistency, ""))
-        # Consul adds up to wait/16 of jitter to a blocking query.
-        timeout = aiohttp.ClientTimeout(total=wait + wait / 16 + answer_margin(wait),
-                                        connect=5.0)
-        url = f"{self.address}/v1/health/service/{service}"
-        async with self.session().get(url, params=params, timeout=timeout) as resp:
+        return params
+
+    async def get(self, path: str, params: list[tuple[str, str]], *, index: int = 0,
+                  wait: float | None = None) -> tuple[Any, int]:
+        """GET a read endpoint: (decoded JSON, X-Consul-Index). With `wait`, a
+        blocking query on `index` (api-docs/features/blocking)."""
+        params = list(params)
+        if wait is not None:
+            params.append(("wait", f"{int(wait)}s"))
+            if index:
+                params.append(("index", str(index)))
+            # Consul adds up to wait/16 of jitter to a blocking query.
+            timeout = aiohttp.ClientTimeout(total=wait + wait / 16 + answer_margin(wait),
+                                            connect=5.0)
+        else:
+            timeout = aiohttp.ClientTimeout(total=10.0, connect=5.0)
+        async with self.session().get(f"{self.address}{path}", params=params,
+                                      timeout=timeout) as resp:
+            if resp.status == 429:
+                self.throttled += 1
+                raise ConsulThrottled("HTTP 429: the agent refuses more from us",
+                                      _retry_after(resp.headers.get("Retry-After")))
             if resp.status != 200:
                 text = (await resp.text())[:200]
                 raise ConsulError(f"HTTP {resp.status}: {text.strip()}")
@@ -119,6 +158,30 @@ class ConsulClient:
                     raise ConsulError(f"answer is {last_contact_ms} ms stale "
                                       f"(max_stale {self.max_stale:g}s)")
             return data, new_index
+
+    async def health_service(self, service: str, *, index: int, wait: float | None,
+                             tags: tuple[str, ...], passing: bool, datacenter: str
+                             ) -> tuple[Any, int]:
+        """api-docs/health#list-service-instances-for-service; `wait=None` for a
+        plain read."""
+        params: list[tuple[str, str]] = []
+        if passing:
+            params.append(("passing", "1"))
+        params += [("tag", tag) for tag in tags]
+        return await self.get(f"/v1/health/service/{service}",
+                              params + self._common(datacenter), index=index, wait=wait)
+
+    async def health_state(self, *, index: int, wait: float) -> tuple[Any, int]:
+        """Every check in the datacenter (api-docs/health#list-checks-in-state,
+        state `any`): a blocking query on it returns when any check changes."""
+        return await self.get("/v1/health/state/any", self._common(), index=index, wait=wait)
+
+    async def catalog_services(self, *, index: int, wait: float) -> tuple[Any, int]:
+        """Every service name with its tags (api-docs/catalog#list-services): a
+        blocking query on it returns when any service is registered, changed or
+        deregistered."""
+        return await self.get("/v1/catalog/services", self._common(), index=index,
+                              wait=wait)
 
     async def register(self, definition: dict[str, Any]) -> None:
         url = f"{self.address}/v1/agent/service/register"
@@ -138,53 +201,56 @@ class ConsulClient:
             await self._session.close()
 
 
-class Subscriber:
-    """One upstream fed by a watch: applies its own address policy and filter,
-    and publishes only real changes."""
+@dataclass(frozen=True)
+class ServiceQuery:
+    """What one upstream asks Consul: a service's instances, filtered by tags,
+    datacenter and Consul's `passing` filter. Upstreams asking the same share it."""
 
-    def __init__(self, upstream: str, apply: Callable[[BackendSet], None], *,
-                 passing_only: bool, address: str,
-                 on_change: Callable[[str, bool], None]) -> None:
-        self.upstream = upstream
-        self._apply = apply
-        self.passing_only = passing_only
-        self.address = address
-        self._on_change = on_change
-        self.backends: tuple[Backend, ...] = ()
-        self.version = 0
-        self.answered = False
+    service: str
+    tags: tuple[str, ...] = ()
+    datacenter: str = ""
+    passing: bool = True
 
-    def publish(self, entries: Any) -> None:
-        backends = backends_from_entries(entries, passing_only=self.passing_only,
-                                         address=self.address)
-        first = not self.answered
-        self.answered = True
-        if not first and same_backends(backends, self.backends):
-            self._on_change(self.upstream, False)
-            return
-        self.backends = backends
-        self.version += 1
-        self._apply(BackendSet(self.version, backends))
-        self._on_change(self.upstream, True)
+
+class QueryListener(Protocol):
+    """Where a watcher delivers: every successful answer, and every failure (the
+    last known good answer keeps serving meanwhile)."""
+
+    def answered(self, query: ServiceQuery, entries: Any, index: int) -> None: ...
+
+    def failed(self, query: ServiceQuery, message: str) -> None: ...
+
+
+def failure_message(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".rstrip(": ")
+
+
+WATCH_ERRORS = (ConsulError, ConsulEntryError, aiohttp.ClientError, OSError, TimeoutError,
+                ValueError)
+
+
+def backoff_delay(backoff: float, exc: BaseException, rng: random.Random) -> float:
+    """How long to wait after a failure: exponential with jitter, or what a 429's
+    Retry-After asks if that is longer."""
+    delay = backoff * (0.5 + rng.random())
+    if isinstance(exc, ConsulThrottled) and exc.retry_after is not None:
+        delay = max(delay, exc.retry_after)
+    return delay
 
 
 class ConsulWatch:
-    def __init__(self, client: ConsulClient, service: str, tags: tuple[str, ...],
-                 datacenter: str, passing: bool, wait: float) -> None:
+    """One blocking query per service (the per-service mode of ConsulSource)."""
+
+    def __init__(self, client: ConsulClient, query: ServiceQuery, wait: float,
+                 listener: QueryListener) -> None:
         self.client = client
-        self.service = service
-        self.tags = tags
-        self.datacenter = datacenter
-        self.passing = passing
+        self.query = query
         self.wait = wait
-        self.subscribers: list[Subscriber] = []
+        self.listener = listener
         self.index = 0
         self.stale = False
         self.error = ""
-        self.last_success = 0.0  # wall clock, for /status
         self._last_success_mono = time.monotonic()
-        self.first_answer = asyncio.Event()
-        self.on_error: Callable[[str], None] = lambda upstream: None
         self._rng = random.Random()
         self.queries = 0
 
@@ -192,18 +258,11 @@ class ConsulWatch:
     def watchdog_after(self) -> float:
         return self.wait + self.wait / 16 + answer_margin(self.wait)
 
-    def describe(self) -> dict[str, Any]:
-        return {
-            "source": "consul", "service": self.service, "tags": list(self.tags),
-            "stale": self.stale, "index": self.index, "error": self.error or None,
-            "last_success_age": round(time.time() - self.last_success, 3)
-            if self.last_success else None,
-        }
-
     async def run(self) -> None:
         backoff = 1.0
         zero_blocked = False
         loop = asyncio.get_running_loop()
+        query = self.query
         while True:
             started = loop.time()
             index = self.index
@@ -212,39 +271,34 @@ class ConsulWatch:
             try:
                 self.queries += 1
                 entries, new_index = await self.client.health_service(
-                    self.service, index=index, wait=self.wait, tags=self.tags,
-                    passing=self.passing, datacenter=self.datacenter)
-                for subscriber in self.subscribers:
-                    subscriber.publish(entries)
+                    query.service, index=index, wait=self.wait, tags=query.tags,
+                    passing=query.passing, datacenter=query.datacenter)
+                self.listener.answered(query, entries, new_index)
             except asyncio.CancelledError:
                 raise
-            except (ConsulError, ConsulEntryError, aiohttp.ClientError, OSError,
-                    TimeoutError, ValueError) as exc:
-                message = f"{type(exc).__name__}: {exc}".rstrip(": ")
+            except WATCH_ERRORS as exc:
+                message = failure_message(exc)
                 if not self.stale or message != self.error:
                     log.warning("consul service %r: %s; serving the last known good set",
-                                self.service, message)
+                                query.service, message)
                 self.stale = True
                 self.error = message
-                for subscriber in self.subscribers:
-                    self.on_error(subscriber.upstream)
+                self.listener.failed(query, message)
                 if time.monotonic() - self._last_success_mono > self.watchdog_after:
                     if self.index:
                         log.warning("consul service %r: no answer for %.0fs, restarting "
-                                    "the query from index 0", self.service,
+                                    "the query from index 0", query.service,
                                     self.watchdog_after)
                     self.index = 0
-                await asyncio.sleep(backoff * (0.5 + self._rng.random()))
+                await asyncio.sleep(backoff_delay(backoff, exc, self._rng))
                 backoff = min(backoff * 2, MAX_BACKOFF)
                 continue
             backoff = 1.0
             if self.stale:
-                log.info("consul service %r: answering again", self.service)
+                log.info("consul service %r: answering again", query.service)
             self.stale = False
             self.error = ""
-            self.last_success = time.time()
             self._last_success_mono = time.monotonic()
-            self.first_answer.set()
             zero_blocked = index == 0
             if new_index < self.index:
                 self.index = 0  # went backwards (e.g. a snapshot restore): start over

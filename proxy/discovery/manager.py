@@ -1,121 +1,173 @@
-"""Wires Consul watches to upstream balancers for one worker: one watch per distinct
-(service, tags, datacenter, passing filter), shared by the upstreams that ask for the
-same thing; self-registration when `[consul.register]` is set."""
+"""Consul discovery as one worker's runtime sees it: each Consul upstream subscribes
+to a watch in the agent (proxy/agent/), which queries Consul once for every worker;
+the worker applies the snapshots it is sent to its balancers (merged by identity, so
+in-flight counts and health survive) and keeps what /status and the metrics show.
+Self-registration (`[consul.register]`) is done by worker 1 alone."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
+import time
 from typing import Any
 
+from proxy.agent.link import Link, Listener
+from proxy.agent.wire import Message, spec_key
 from proxy.config import Config
-from proxy.discovery.consul import (
-    ConsulClient,
-    ConsulWatch,
-    Subscriber,
-    consul_address,
-    default_service_id,
-)
+from proxy.discovery.consul import ConsulClient, consul_address, default_service_id
+from proxy.discovery.source import ConsulSettings
 from proxy.metrics import Metrics
+from proxy.models import Backend, BackendSet
 
-__all__ = ["ConsulDiscovery"]
+__all__ = ["ConsulDiscovery", "UpstreamFeed"]
 
 log = logging.getLogger("bascule.consul")
 
 
+class UpstreamFeed:
+    """One upstream fed by a watch: what it was last sent, and its own version."""
+
+    def __init__(self, upstream: Any, key: str, spec: dict[str, Any]) -> None:
+        self.upstream = upstream
+        self.key = key
+        self.spec = spec
+        self.service = str(spec["service"])
+        self.version = 0
+        self.answered = asyncio.Event()
+        self.stale = False
+        self.error = ""
+        self.last_success = 0.0
+        self.backends: tuple[tuple[str, str, int, int], ...] = ()
+
+
 class ConsulDiscovery:
     def __init__(self, config: Config, upstreams: dict[str, Any]) -> None:
-        settings = config.consul
+        consul = config.consul
         token = None
-        if settings.token_file:
-            with open(settings.token_file, encoding="utf-8") as fh:
+        if consul.token_file:
+            with open(consul.token_file, encoding="utf-8") as fh:
                 token = fh.read().strip()
         token = token or os.environ.get("CONSUL_HTTP_TOKEN") or None
-        self.settings = settings
-        self.config = config
-        self.client = ConsulClient(
-            consul_address(settings.address), token=token, datacenter=settings.datacenter,
-            consistency=settings.consistency, max_stale=settings.max_stale,
-            ca_file=settings.ca_file)
-        self.watches: dict[tuple[str, tuple[str, ...], str, bool], ConsulWatch] = {}
-        self.by_upstream: dict[str, ConsulWatch] = {}
-        self.subscribers: dict[str, Subscriber] = {}
-        self._upstreams = upstreams
-        self._tasks: list[asyncio.Task[None]] = []
-        self._metrics: Metrics | None = None
-        self.registered_id: str | None = None
+        self.settings = consul
+        self.agent_settings = ConsulSettings(
+            address=consul_address(consul.address), token=token,
+            datacenter=consul.datacenter, consistency=consul.consistency,
+            max_stale=consul.max_stale, ca_file=consul.ca_file, wait=consul.wait,
+            max_connections=consul.max_connections)
+        self.source_key = spec_key(self.agent_settings.as_dict())
+        self.feeds: dict[str, UpstreamFeed] = {}
         for name, upstream in upstreams.items():
-            spec = upstream.config.consul
-            if spec is None:
+            service = upstream.config.consul
+            if service is None:
                 continue
-            key = (spec.service, tuple(spec.tags), spec.datacenter or "", spec.passing_only)
-            watch = self.watches.get(key)
-            if watch is None:
-                watch = self.watches[key] = ConsulWatch(
-                    self.client, spec.service, tuple(spec.tags), spec.datacenter or "",
-                    spec.passing_only, settings.wait)
-                watch.on_error = self._on_error
-            subscriber = Subscriber(name, upstream.balancer.update,
-                                    passing_only=spec.passing_only, address=spec.address,
-                                    on_change=self._on_success)
-            watch.subscribers.append(subscriber)
-            self.by_upstream[name] = watch
-            self.subscribers[name] = subscriber
+            spec = {"consul": self.agent_settings.as_dict(), "service": service.service,
+                    "tags": list(service.tags), "datacenter": service.datacenter or "",
+                    "passing": service.passing_only, "address": service.address}
+            self.feeds[name] = UpstreamFeed(upstream, spec_key(spec), spec)
+        self._listeners: dict[str, Listener] = {}
+        self._link: Link | None = None
+        self._metrics: Metrics | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.registered_id: str | None = None
 
-    def _on_success(self, upstream: str, changed: bool) -> None:
-        subscriber = self.subscribers[upstream]
+    # -- from the agent ---------------------------------------------------------------
+
+    def _on_message(self, name: str, message: Message) -> None:
+        feed = self.feeds[name]
+        if message[0] == "stale":
+            feed.stale, feed.error = True, str(message[2])
+            if self._metrics is not None:
+                self._metrics.record_discovery(name, "consul", ok=False)
+            return
+        _, _, _, backends, error = message
+        identities = tuple((str(i), str(h), int(p), int(w)) for i, h, p, w in backends)
+        first = not feed.answered.is_set()
+        changed = first or identities != feed.backends
+        feed.stale, feed.error = bool(error), str(error or "")
+        feed.last_success = time.time()
         if changed:
-            count = len(subscriber.backends)
-            (log.warning if count == 0 else log.info)(
-                "upstream %s: Consul reports %d instance(s) of %r", upstream, count,
-                self.by_upstream[upstream].service)
-        if self._metrics is not None:
-            self._metrics.record_discovery(upstream, "consul", ok=True, changed=changed)
+            feed.backends = identities
+            feed.version += 1
+            upstream = feed.upstream
+            upstream.balancer.update(BackendSet(
+                feed.version, tuple(Backend(*identity) for identity in identities)))
+            upstream.health.backends_changed()
+            (log.warning if not identities else log.info)(
+                "upstream %s: Consul reports %d instance(s) of %r", name, len(identities),
+                feed.service)
+        feed.answered.set()
+        if self._metrics is not None and not feed.stale:
+            self._metrics.record_discovery(name, "consul", ok=True, changed=changed)
 
-    def _on_error(self, upstream: str) -> None:
-        if self._metrics is not None:
-            self._metrics.record_discovery(upstream, "consul", ok=False)
+    def _on_fresh(self, message: Message) -> None:
+        if message[1] != self.source_key:
+            return
+        now = time.time()
+        for name, feed in self.feeds.items():
+            if feed.answered.is_set() and not feed.stale:
+                feed.last_success = now
+                if self._metrics is not None:
+                    self._metrics.record_discovery(name, "consul", ok=True, changed=False)
+
+    # -- what the runtime asks --------------------------------------------------------
 
     def unavailable_reason(self, upstream: str) -> str | None:
         """Why an upstream has no backend, for its 503."""
-        watch = self.by_upstream.get(upstream)
-        if watch is None:
+        feed = self.feeds.get(upstream)
+        if feed is None:
             return None
-        if not self.subscribers[upstream].answered:
-            return f"waiting for the first answer from Consul about {watch.service!r}"
-        return f"Consul reports no healthy instance of {watch.service!r}"
+        if not feed.answered.is_set():
+            return f"waiting for the first answer from Consul about {feed.service!r}"
+        return f"Consul reports no healthy instance of {feed.service!r}"
 
     def describe(self, upstream: str) -> dict[str, Any] | None:
-        watch = self.by_upstream.get(upstream)
-        if watch is None:
+        feed = self.feeds.get(upstream)
+        if feed is None:
             return None
-        info = watch.describe()
-        info["version"] = self.subscribers[upstream].version
-        return info
+        spec = feed.spec
+        return {
+            "source": "consul", "service": feed.service, "tags": list(spec["tags"]),
+            "stale": feed.stale, "error": feed.error or None, "version": feed.version,
+            "last_success_age": round(time.time() - feed.last_success, 3)
+            if feed.last_success else None,
+        }
 
-    async def start(self, metrics: Metrics | None, *, register: bool,
+    async def start(self, metrics: Metrics | None, *, link: Link, register: bool,
                     admin_address: tuple[str, int], public_port: int) -> list[str]:
-        """Start watching; wait up to `startup_wait` for first answers. Returns the
+        """Subscribe; wait up to `startup_wait` for first answers. Returns the
         services that did not answer in time (a reload refuses to commit then; at
         start-up their upstreams answer 503 until Consul does)."""
         self._metrics = metrics
+        self._link = link
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(w.run()) for w in self.watches.values()]
+        items: list[tuple[str, Any, Listener]] = []
+        for name, feed in self.feeds.items():
+            listener = self._listeners[name] = functools.partial(self._on_message, name)
+            items.append((feed.key, feed.spec, listener))
+        if items:
+            link.watch(items)
+            link.on_fresh(self._on_fresh)
         if register and self.settings.self_register is not None:
             self._tasks.append(loop.create_task(self._register(admin_address, public_port)))
-        if self.watches:
-            waits = [asyncio.ensure_future(w.first_answer.wait())
-                     for w in self.watches.values()]
+        if self.feeds:
+            waits = [asyncio.ensure_future(f.answered.wait()) for f in self.feeds.values()]
             _, pending = await asyncio.wait(waits, timeout=self.settings.startup_wait)
             for task in pending:
                 task.cancel()
-            for watch in self.watches.values():
-                if not watch.first_answer.is_set():
-                    log.warning("consul service %r: no answer within %.1fs; its upstreams "
-                                "answer 503 until Consul does", watch.service,
-                                self.settings.startup_wait)
-        return [w.service for w in self.watches.values() if not w.first_answer.is_set()]
+        silent = list(dict.fromkeys(f.service for f in self.feeds.values()
+                                    if not f.answered.is_set()))
+        for service in silent:
+            log.warning("consul service %r: no answer within %.1fs; its upstreams "
+                        "answer 503 until Consul does", service, self.settings.startup_wait)
+        return silent
+
+    def _registration_client(self) -> ConsulClient:
+        s = self.agent_settings
+        return ConsulClient(s.address, token=s.token, datacenter=s.datacenter,
+                            consistency=s.consistency, max_stale=s.max_stale,
+                            ca_file=s.ca_file, max_connections=1)
 
     async def _register(self, admin_address: tuple[str, int], public_port: int) -> None:
         spec = self.settings.self_register
@@ -138,25 +190,37 @@ class ConsulDiscovery:
             definition["Address"] = spec.address
         delay = 1.0
         while True:
+            # A client per attempt, closed after: no connection to the agent is kept
+            # open for a request made once.
+            client = self._registration_client()
             try:
-                await self.client.register(definition)
+                await client.register(definition)
                 self.registered_id = service_id
                 log.info("registered in Consul as %r", service_id)
                 return
             except Exception as exc:  # whatever the agent or the network did: retried
                 log.warning("Consul registration failed (%s); retrying", exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
+            finally:
+                await client.close()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
 
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        link, self._link = self._link, None
+        if link is not None:
+            link.unwatch([(self.feeds[name].key, listener)
+                          for name, listener in self._listeners.items()])
+            link.off_fresh(self._on_fresh)
         if self.registered_id is not None:
+            client = self._registration_client()
             try:
-                await self.client.deregister(self.registered_id)
+                await client.deregister(self.registered_id)
                 log.info("deregistered %r from Consul", self.registered_id)
             except Exception as exc:  # shutting down: logged, never fatal
                 log.warning("Consul deregistration failed: %s", exc)
+            finally:
+                await client.close()
             self.registered_id = None
-        await self.client.close()

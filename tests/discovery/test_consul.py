@@ -15,6 +15,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from proxy.agent.link import LocalLink
+from proxy.discovery.consul import ConsulWatch
 from proxy.server import Edge
 from tests.consul_emulator import ConsulEmulator
 from tests.helpers import eventually as wait_until
@@ -63,6 +65,16 @@ consul = {{ {upstream} }}
 
 
 eventually = functools.partial(wait_until, timeout=5.0)
+
+
+def per_service_watch(edge: Edge, service: str) -> ConsulWatch:
+    """The blocking query the edge's in-process hub runs for `service`."""
+    assert isinstance(edge.link, LocalLink)
+    for source in edge.link.hub.sources.values():
+        for query, (watch, _) in source.watches.items():
+            if query.service == service:
+                return watch
+    raise AssertionError(f"no watch of {service!r}")
 
 
 async def status(edge: Edge) -> dict[str, Any]:
@@ -298,7 +310,7 @@ async def test_watchdog_restarts_a_hung_query_from_index_zero(
     await consul.add("web", "web-a", backends["a"])
     edge = await consul_edge(consul.address)
     try:
-        watch = edge.runtime.discovery.by_upstream["web"]  # type: ignore[union-attr]
+        watch = per_service_watch(edge, "web")
         await eventually(lambda: _true(watch.index > 0 and len(
             consul.health_queries("web")) >= 2))  # blocking on a real index
         consul.hang = True  # answers never come, even past wait
