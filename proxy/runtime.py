@@ -72,11 +72,6 @@ class Upstream:
 
     def pool_for(self, backend: Backend) -> BackendPool:
         pool = self.pools.get(backend.id)
-        if pool is not None and (pool.host != backend.host or pool.port != backend.port):
-            # Same instance id at a new address (a re-registration with a new port):
-            # connections to the old address must not serve it.
-            pool.close()
-            pool = None
         if pool is None:
             pool = self.pools[backend.id] = BackendPool(
                 backend.host, backend.port,
@@ -86,6 +81,16 @@ class Upstream:
                 limits=self.response_limits,
             )
         return pool
+
+    def drop_moved_pools(self) -> None:
+        """After a discovery update: an instance id now at another address (a
+        re-registration with a new port) must not be served by connections to the old
+        one. Here, once per update, rather than checked on every request."""
+        for backend in self.balancer.backends:
+            pool = self.pools.get(backend.id)
+            if pool is not None and (pool.host, pool.port) != (backend.host, backend.port):
+                del self.pools[backend.id]
+                pool.close()
 
     def close(self) -> None:
         for pool in self.pools.values():

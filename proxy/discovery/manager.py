@@ -93,6 +93,7 @@ class ConsulDiscovery:
             upstream = feed.upstream
             upstream.balancer.update(BackendSet(
                 feed.version, tuple(Backend(*identity) for identity in identities)))
+            upstream.drop_moved_pools()
             upstream.health.backends_changed()
             (log.warning if not identities else log.info)(
                 "upstream %s: Consul reports %d instance(s) of %r", name, len(identities),

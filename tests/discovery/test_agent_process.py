@@ -5,6 +5,7 @@ the agent, real backends. The agent's and the workers' logs are read from a file
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import re
 import signal
@@ -245,7 +246,7 @@ async def test_four_workers_one_probe_per_interval_and_one_verdict(
             await bascule.ready(4)
             assert await asyncio.to_thread(poll, lambda: len(backend.probes) >= 8, 20)
             probes = backend.probes[-7:]
-            gaps = [b - a for a, b in zip(probes, probes[1:], strict=False)]
+            gaps = [b - a for a, b in itertools.pairwise(probes)]
             # Four probers would put four probes in every interval; one puts one.
             assert min(gaps) > interval / 2, gaps
             backend.healthy = False
@@ -259,3 +260,40 @@ async def test_four_workers_one_probe_per_interval_and_one_verdict(
             assert all("health check answered 500 (2 times)" in line for _, _, line in downs)
         finally:
             await bascule.stop()
+
+
+async def test_an_ejection_decided_once_holds_in_every_worker(
+        tmp_path: Path, procs: list[Any]) -> None:
+    async def good(request: web.BaseRequest) -> web.StreamResponse:
+        return web.Response(text="good")
+
+    async def bad(request: web.BaseRequest) -> web.StreamResponse:
+        return web.Response(status=500, text="bad")
+
+    good_server, good_listener = await start_backend(good)
+    bad_server, bad_listener = await start_backend(bad)
+    bad_address = f"127.0.0.1:{port_of(bad_listener)}"
+    body = (f'workers = 4\n[[routes]]\nupstream = "app"\n[upstreams.app]\n'
+            f'backends = ["127.0.0.1:{port_of(good_listener)}", "{bad_address}"]\n'
+            'retry = { attempts = 1 }\n'
+            'outlier = { consecutive_failures = 3, base_ejection_time = "60s" }\n')
+    bascule = Bascule(tmp_path, body, procs)
+    try:
+        await bascule.ready(4)
+        pattern = f"upstream app backend {bad_address} is down: ejected for 60s"
+        for _ in range(200):  # until one worker's streak of three
+            await bascule.get()
+            if bascule.lines(pattern):
+                break
+        assert await asyncio.to_thread(
+            poll, lambda: len({pid for _, pid, _ in bascule.lines(pattern)}) == 4, 10), \
+            bascule.text()
+        answers = await asyncio.gather(*(bascule.get() for _ in range(16)))
+        assert answers == [(200, "good")] * 16  # every worker, even one that saw no streak
+        per_worker = [pid for _, pid, _ in bascule.lines(pattern)]
+        assert sorted(set(per_worker)) == sorted(per_worker)  # once each: decided once
+    finally:
+        await bascule.stop()
+        for server, listener in ((good_server, good_listener), (bad_server, bad_listener)):
+            listener.close()
+            await server.shutdown(0.1)
