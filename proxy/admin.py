@@ -16,7 +16,7 @@ import ipaddress
 import logging
 import os
 import signal
-from typing import Protocol
+from typing import Any, Protocol
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -46,6 +46,8 @@ class AdminHost(Protocol):
     draining: bool
     worker_id: int
     started_at: float
+
+    def tls_status(self) -> list[dict[str, Any]] | None: ...  # served certificates
 
 
 def _is_loopback(host: str) -> bool:
@@ -143,6 +145,7 @@ class AdminApi:
                 "version": __version__, "worker": self.host.worker_id, "pid": os.getpid(),
                 "draining": self.host.draining, "started_at": self.host.started_at,
                 "reload": self.host.reloader.last.as_dict() if self.host.reloader.last else None,
+                "tls": self.host.tls_status(),
             })
             return web.json_response(document)
         return web.Response(status=404, text="not found\n")

@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from proxy.balancer import Balancer
-from proxy.config import Config
+from proxy.config import Config, parse_hostport
 from proxy.discovery.manager import ConsulDiscovery
 from proxy.errors import ConfigError, ConfigProblem
 from proxy.headers import HeaderPolicy
@@ -21,6 +21,9 @@ from proxy.plugin import Plugin, PluginSeams, quick_answers
 from proxy.routing import Route, RouteTable
 from proxy.runtime import Runtime, Upstream
 from proxy.strategy import Strategy
+from proxy.tls.certs import CertificateError
+from proxy.tls.client import client_context
+from proxy.tls.server import build_certificates
 
 __all__ = ["build_plugins", "build_runtime", "build_strategy"]
 
@@ -96,12 +99,20 @@ def build_runtime(config: Config, file: str) -> Runtime:
         balancer = Balancer(name, strategy)
         # Consul upstreams start empty (503 with a reason) until the first answer.
         backends = tuple(
-            Backend(entry.address, *entry.host_port, weight=entry.weight)
+            Backend(entry.address, *entry.host_port, weight=entry.weight,
+                    tls=up.tls is not None)
             for entry in up.backends or ()
         )
         balancer.update(BackendSet(version=1 if up.backends else 0, backends=backends))
+        tls = None
+        if up.tls is not None:
+            try:
+                tls = client_context(up.tls)
+            except CertificateError as exc:
+                problems.append(ConfigProblem(file, f"upstreams.{name}.tls", str(exc)))
+                continue
         try:
-            upstreams[name] = Upstream(name, up, balancer)
+            upstreams[name] = Upstream(name, up, balancer, tls)
         except ValueError as exc:  # hash_on: the engine reads it, whatever the strategy
             problems.append(ConfigProblem(file, f"upstreams.{name}.strategy_options.hash_on",
                                           str(exc).removeprefix("hash_on: ")))
@@ -120,6 +131,9 @@ def build_runtime(config: Config, file: str) -> Runtime:
     built = build_plugins(config, file)
     chains = {route.name: tuple(built[p] for p in dict.fromkeys(route.plugins))
               for route in routes.routes if route.plugins}
+    certificates = None
+    if config.server.tls is not None:
+        certificates = build_certificates(config.server.tls, file)
     discovery = (ConsulDiscovery(config, upstreams)
                  if any(u.config.consul for u in upstreams.values()) or (
                      config.consul.self_register is not None) else None)
@@ -132,6 +146,9 @@ def build_runtime(config: Config, file: str) -> Runtime:
         trusted=config.server.trusted_networks(), file=file,
         config_hash=hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:16],
         loaded_at=time.time(),
+        certificates=certificates,
+        https_port=parse_hostport(config.server.tls.listen[0], default_host="0.0.0.0")[1]
+        if config.server.tls is not None and config.server.tls.redirect_http else None,
         header_policy=HeaderPolicy(forwarded=config.server.forwarded,
                                    x_real_ip=config.server.x_real_ip,
                                    underscores=config.server.underscores_in_headers),

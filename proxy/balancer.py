@@ -25,10 +25,8 @@ class Balancer:
     def update(self, backend_set: BackendSet) -> None:
         """Swap in a new snapshot. Backends whose identity is unchanged keep their
         Backend object, so in-flight counts and health survive the update."""
-        current = {(b.id, b.host, b.port, b.weight): b for b in self.backends}
-        merged: list[Backend] = [
-            current.get((b.id, b.host, b.port, b.weight), b) for b in backend_set.backends
-        ]
+        current = {b.identity: b for b in self.backends}
+        merged: list[Backend] = [current.get(b.identity, b) for b in backend_set.backends]
         self.strategy.update(merged)
         self.backends = tuple(merged)
         self.version = backend_set.version

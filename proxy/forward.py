@@ -58,6 +58,20 @@ _PLAIN: Final = {"Content-Type": "text/plain; charset=utf-8"}
 _SAFE_BODILESS: Final = frozenset({"GET", "HEAD"})
 
 
+def https_redirect(host_header: str, target: str, port: int) -> web.StreamResponse:
+    """`[server.tls] redirect_http`: 308 to the same URL over HTTPS (308 keeps the
+    method and body, RFC 9110 §15.4.9), on the first TLS listener's port."""
+    host = normalise_host(host_header)
+    if not host:
+        return error_response(400, "a Host is needed to redirect to HTTPS")
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # an IPv6 literal
+    authority = host if port == 443 else f"{host}:{port}"
+    return plain_answer(308, f"https://{authority}{target}",
+                        fields=b"Location: https://" + authority.encode("idna")
+                        + target.encode("latin-1", "replace") + b"\r\n")
+
+
 def error_response(status: int, message: str, *, close: bool = False) -> web.StreamResponse:
     """Short plain-text error; never echoes request bytes."""
     return plain_answer(status, message, close=close)
@@ -106,6 +120,7 @@ class Forwarder:
             runtime = call.runtime
             rest, host, _ = build_request_head(
                 raw, peer=call.peer, trusted_peer=is_trusted(call.peer, runtime.trusted),
+                proto=call.request.protocol.proto,  # type: ignore[attr-defined]
                 framing=call.framing, request_id=call.request_id,
                 policy=runtime.header_policy)
         exchange = Exchange(call.request, call.route, call.upstream, call.runtime, line,
@@ -246,6 +261,8 @@ class Forwarder:
         else:
             query_at = target.find("?")
             path = target if query_at < 0 else target[:query_at]
+        if runtime.https_port is not None and not request.protocol.tls:  # type: ignore[attr-defined]
+            return https_redirect(host_header, target, runtime.https_port)
         try:
             route = runtime.routes.match(normalise_host(host_header), path)
         except AmbiguousPath:
@@ -355,6 +372,7 @@ class Forwarder:
             message.raw_headers,
             peer=peer,
             trusted_peer=is_trusted(peer, runtime.trusted),
+            proto=request.protocol.proto,  # type: ignore[attr-defined]
             framing=framing,
             request_id=request_id,
             authority=authority,

@@ -93,7 +93,10 @@ class HealthMonitor:
         outlier = config.outlier.model_dump(mode="json")
         self.outlier_spec = outlier
         self.outlier_key = spec_key({"upstream": name, "outlier": outlier})
-        self.check_spec = (config.health.model_dump(mode="json")
+        # The check and the upstream's TLS settings: HTTPS backends are checked
+        # over HTTPS, with the same verification.
+        self.check_spec = ({"check": config.health.model_dump(mode="json"),
+                            "tls": config.tls.model_dump(mode="json") if config.tls else None}
                            if config.health is not None else None)
         self.health_sub = f"{name}@{id(self):x}"  # this runtime's subscription
 
@@ -152,7 +155,7 @@ class HealthMonitor:
         """Discovery changed the backends: the agent checks the new set."""
         if self._link is None or self.check_spec is None:
             return
-        targets = [[b.id, b.host, b.port, self._state(b).active_ok]
+        targets = [[b.id, b.host, b.port, self._state(b).active_ok, b.tls]
                    for b in self.balancer.backends]
         self._link.set_health(self.health_sub, self.check_spec, targets, self._on_health)
 

@@ -68,6 +68,7 @@ class Metrics:
         self._gauges_from: Callable[[], Iterable[tuple[str, str, int, bool]]] = lambda: ()
         self._live: Callable[[], dict[str, set[str]]] = dict
         self.open_connections = 0
+        self._tls: dict[tuple[str, str], int] = {}  # (kind, label) -> count
 
         r = registry
         self.requests_total = Counter(
@@ -118,6 +119,17 @@ class Metrics:
         self.open_connections_gauge = Gauge(
             "bascule_open_connections", "Open client connections.",
             multiprocess_mode="livesum", registry=r)
+        self.tls_handshakes = Counter(
+            "bascule_tls_handshakes_total", "TLS handshakes completed on TLS listeners.",
+            ["version"], registry=r)
+        self.tls_failures = Counter(
+            "bascule_tls_handshake_failures_total", "TLS handshakes that failed, by "
+            "reason (protocol_version, no_shared_cipher, client_rejected_certificate, "
+            "plain_http, alpn, timeout, reset, other).", ["reason"], registry=r)
+        self.certificate_expiry = Gauge(
+            "bascule_tls_certificate_expiry_timestamp_seconds", "When a served "
+            "certificate expires (Unix time), by its first name.", ["name"],
+            multiprocess_mode="livemax", registry=r)
         self.cache_lookups = Counter(
             "bascule_cache_lookups_total", "Cache lookups by result.", ["route", "result"],
             registry=r)
@@ -247,6 +259,23 @@ class Metrics:
             state[1] += 1
             state[3] = 1
 
+    def record_tls(self, kind: str, label: str) -> None:
+        """A handshake: ("ok", version) or ("failed", reason), both bounded."""
+        if kind == "ok" and label not in ("TLSv1.2", "TLSv1.3"):
+            label = OTHER
+        key = (kind, label)
+        self._tls[key] = self._tls.get(key, 0) + 1
+
+    def set_certificate_expiry(self, expiry: list[tuple[str, float]]) -> None:
+        if not self.enabled:
+            return
+        names = {name for name, _ in expiry}
+        for labels in list(self.certificate_expiry._metrics):
+            if labels[0] not in names:
+                self.certificate_expiry.remove(*labels)
+        for name, not_after in expiry:
+            self.certificate_expiry.labels(name).set(not_after)
+
     # -- flush: deltas into prometheus-client ----------------------------------------
 
     def flush(self) -> None:
@@ -297,6 +326,10 @@ class Metrics:
             if state[2]:
                 self.discovery_age.labels(upstream, source).set(now - state[2])
             self.discovery_stale.labels(upstream, source).set(state[3])
+        tls, self._tls = self._tls, {}
+        for (kind, label), count in tls.items():
+            (self.tls_handshakes if kind == "ok" else self.tls_failures).labels(label).inc(
+                count)
         self._flush_gauges()
         self.open_connections_gauge.set(self.open_connections)
 

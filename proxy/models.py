@@ -12,17 +12,25 @@ class Backend:
     counters are mutable runtime state kept by the balancer's lease, so they survive
     discovery updates that keep the backend's identity."""
 
-    __slots__ = ("healthy", "host", "id", "inflight", "port", "ramp", "weight")
+    __slots__ = ("healthy", "host", "id", "inflight", "port", "ramp", "tls", "weight")
 
-    def __init__(self, id: str, host: str, port: int, weight: int = 1) -> None:
+    def __init__(self, id: str, host: str, port: int, weight: int = 1,
+                 tls: bool = False) -> None:
         self.id = id
         self.host = host
         self.port = port
         self.weight = weight
+        self.tls = tls  # spoken to over HTTPS (upstream `tls`, or Consul's proto=https)
         self.inflight = 0
         self.healthy = True
         # Slow start: share of its weight a (re)admitted backend gets while it warms up
         self.ramp = 1.0
+
+    @property
+    def identity(self) -> tuple[str, str, int, int, bool]:
+        """What must stay the same for the Backend object (its counters and health)
+        to carry over an update."""
+        return (self.id, self.host, self.port, self.weight, self.tls)
 
     @property
     def address(self) -> str:

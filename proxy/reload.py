@@ -72,10 +72,9 @@ def carry_over(old: Runtime, new: Runtime) -> None:
         previous = old.upstreams.get(name)
         if previous is None:
             continue
-        known = {(b.id, b.host, b.port, b.weight): b for b in previous.balancer.backends}
+        known = {b.identity: b for b in previous.balancer.backends}
         if upstream.config.consul is None:
-            merged = tuple(known.get((b.id, b.host, b.port, b.weight), b)
-                           for b in upstream.balancer.backends)
+            merged = tuple(known.get(b.identity, b) for b in upstream.balancer.backends)
             upstream.balancer.backends = ()  # adopt the carried objects, not merge
             upstream.balancer.update(BackendSet(upstream.balancer.version, merged))
         # Health history (ejections, check counters) stays with the backend ids.
@@ -86,7 +85,8 @@ def carry_over(old: Runtime, new: Runtime) -> None:
         same_pools = (previous.config.pool_size == upstream.config.pool_size
                       and previous.config.idle_timeout == upstream.config.idle_timeout
                       and previous.timeouts.connect == upstream.timeouts.connect
-                      and previous.response_limits == upstream.response_limits)
+                      and previous.response_limits == upstream.response_limits
+                      and previous.config.tls == upstream.config.tls)
         if same_pools:
             ids = {b.id for b in upstream.balancer.backends} | (
                 {b.id for b in previous.balancer.backends} if upstream.config.consul else set())
@@ -151,6 +151,11 @@ class Reloader:
         ]
         if new.config.admin.listen != old.config.admin.listen:
             warnings.append("admin.listen changed: takes effect after a restart")
+        old_tls, new_tls = old.server.tls, new.server.tls
+        if (old_tls is None) != (new_tls is None) or (
+                old_tls and new_tls and old_tls.listen != new_tls.listen):
+            warnings.append("server.tls listeners changed: take effect after a restart "
+                            "(certificates and settings are reloaded)")
         for warning in warnings:
             log.warning("reload: %s", warning)
         new.loop = loop

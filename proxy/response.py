@@ -88,6 +88,12 @@ def _connection_and_date(version: HttpVersion, keep_alive: bool, has_date: bool)
     return fields
 
 
+def _connection_fields(request: BaseRequest) -> bytes:
+    """Fields the connection adds to every answer (Strict-Transport-Security on a TLS
+    listener; proxy/server.py sets them per connection)."""
+    return getattr(request.protocol, "response_fields", b"")
+
+
 class ProxiedResponse(web.StreamResponse):
     def __init__(self, status: int, reason: bytes, head_block: bytes,
                  length: int | None, has_date: bool, codings: bytes = b"") -> None:
@@ -109,6 +115,7 @@ class ProxiedResponse(web.StreamResponse):
         kind, self._framing, self._keep_alive = frame(
             request.method, self.status, self._upstream_length, request.version,
             keep_alive, self._has_date, self._codings)
+        self._framing += _connection_fields(request)
         if kind is Framing.LENGTH:
             writer.length = self._upstream_length
         elif kind is Framing.CHUNKED:
@@ -167,7 +174,7 @@ class CompleteResponse(web.StreamResponse):
         with_body = kind is not Framing.NONE
         transport.write(b"".join((
             b"HTTP/1.1 %d " % status, self._reason_bytes,
-            b"\r\n", self._head_block, framing, b"\r\n",
+            b"\r\n", self._head_block, framing, _connection_fields(request), b"\r\n",
             self._complete_body if with_body else b"")))
         self._keep_alive = keep_alive
         self._eof_sent = True

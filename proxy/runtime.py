@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -45,8 +46,13 @@ class Discovery(Protocol):
 class Upstream:
     """One upstream as the forwarder sees it."""
 
-    def __init__(self, name: str, config: UpstreamConfig, balancer: Balancer) -> None:
+    def __init__(self, name: str, config: UpstreamConfig, balancer: Balancer,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.name = name
+        # HTTPS to backends: the upstream's context (`tls`), made at config time; a
+        # Consul instance tagged proto=https without one gets a verifying default.
+        self.tls = tls
+        self._default_tls: ssl.SSLContext | None = None
         self.config = config
         self.balancer = balancer
         self.timeouts: TimeoutsConfig = config.timeouts
@@ -79,8 +85,20 @@ class Upstream:
                 idle_timeout=self.config.idle_timeout,
                 connect_timeout=self.timeouts.connect,
                 limits=self.response_limits,
+                tls=self.tls_for(backend),
+                server_name=self.config.tls.server_name if self.config.tls else None,
             )
         return pool
+
+    def tls_for(self, backend: Backend) -> ssl.SSLContext | None:
+        if not backend.tls:
+            return None
+        if self.tls is not None:
+            return self.tls
+        if self._default_tls is None:
+            self._default_tls = ssl.create_default_context()
+            self._default_tls.set_alpn_protocols(["http/1.1"])
+        return self._default_tls
 
     def drop_moved_pools(self) -> None:
         """After a discovery update: an instance id now at another address (a
@@ -88,7 +106,8 @@ class Upstream:
         one. Here, once per update, rather than checked on every request."""
         for backend in self.balancer.backends:
             pool = self.pools.get(backend.id)
-            if pool is not None and (pool.host, pool.port) != (backend.host, backend.port):
+            if pool is not None and ((pool.host, pool.port) != (backend.host, backend.port)
+                                     or (pool.tls is not None) != backend.tls):
                 del self.pools[backend.id]
                 pool.close()
 
@@ -120,6 +139,8 @@ class Runtime:
     config_hash: str = ""
     loaded_at: float = 0.0
     header_policy: HeaderPolicy = field(default_factory=HeaderPolicy)
+    certificates: Any = None  # proxy.tls.server.CertificateSet with [server.tls]
+    https_port: int | None = None  # redirect_http: plain requests get 308 to this port
     ws_session: Any = None  # aiohttp.ClientSession, made on the first WebSocket
     loop: Any = None  # the worker's event loop, set when serving starts
     active: int = 0  # requests being handled on this runtime (a reload waits for 0)

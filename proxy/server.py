@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import time
 from typing import Any
 
@@ -24,6 +25,7 @@ from proxy.accesslog import AccessLog
 from proxy.admin import AdminApi
 from proxy.agent.link import AGENT_SOCKET_ENV, Link, LocalLink, SocketLink
 from proxy.config import ServerConfig, parse_hostport
+from proxy.errors import ConfigError
 from proxy.forward import Forwarder
 from proxy.listeners import claim_port, listen_socket
 from proxy.metrics import Metrics, multiprocess_dir_is_set
@@ -31,6 +33,15 @@ from proxy.purge import PurgeBroadcast, apply_purge
 from proxy.reload import Reloader
 from proxy.response import plain_answer
 from proxy.runtime import Runtime, sweep_forever
+from proxy.tls.server import (
+    Terminator,
+    TlsAcceptor,
+    build_certificates,
+    certificate_stamps,
+    front_context,
+    hsts_fields,
+    log_tls_warnings,
+)
 
 __all__ = ["BasculeServer", "Edge", "c_parser_in_use", "serve_worker"]
 
@@ -64,6 +75,9 @@ class _EdgeProtocol(RequestHandler):
         self.timed_out = False
         self.peer = ""
         self.metrics: Metrics | None = None
+        self.tls = False  # accepted on a TLS listener (set once the handshake is done)
+        self.proto = b"http"  # for X-Forwarded-Proto
+        self.response_fields = b""  # added to every answer (HSTS on TLS connections)
 
     @property
     def busy(self) -> bool:
@@ -80,6 +94,11 @@ class _EdgeProtocol(RequestHandler):
         # (a getpeername() syscall) on every request.
         peername = transport.get_extra_info("peername")
         self.peer = str(peername[0]) if isinstance(peername, (tuple, list)) else ""
+        if transport.get_extra_info("sslcontext") is not None:
+            self.tls = True
+            self.proto = b"https"
+            if isinstance(manager, BasculeServer):
+                self.response_fields = manager.tls_response_fields
         self.head_started = self._loop.time()
 
     def data_received(self, data: bytes) -> None:
@@ -159,6 +178,7 @@ class BasculeServer(web.Server):
         self.header_timeout = header_timeout
         self.metrics = metrics
         self.max_connections = max_connections
+        self.tls_response_fields = b""  # Strict-Transport-Security, with [server.tls] hsts
 
     @property
     def line_limit(self) -> int:
@@ -211,7 +231,8 @@ class Edge:
     background duties (idle-pool sweeping, metrics flushing)."""
 
     def __init__(self, runtime: Runtime, *, multiprocess_metrics: bool = False,
-                 worker_id: int = 0, supervised: bool = False) -> None:
+                 worker_id: int = 0, supervised: bool = False,
+                 tls_front: ssl.SSLContext | None = None) -> None:
         self.worker_id = worker_id
         self.supervised = supervised
         self.reloader = Reloader(self)
@@ -239,9 +260,18 @@ class Edge:
             # briefly, so the client sees the response instead of a reset.
             lingering_time=2.0,
         )
+        # TLS listeners: the front context comes from the supervisor (made before
+        # forking, so workers share session-ticket keys; proxy/tls/server.py).
+        self.terminator: Terminator | None = None
+        tls_cfg = cfg.tls
+        if tls_cfg is not None and runtime.certificates is not None:
+            front = tls_front or front_context(tls_cfg, runtime.certificates)
+            self.terminator = Terminator(front, runtime.certificates, tls_cfg)
+            self.server.tls_response_fields = hsts_fields(tls_cfg)
         self.admin_api = AdminApi(self, runtime.config.admin)
         self.admin = web.Server(self.admin_api.handle, access_log=None)
         self.listeners: list[asyncio.Server] = []
+        self.tls_listeners: list[asyncio.Server] = []
         self.admin_listener: asyncio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
         # The hub of discovery, health checks and ejections: the agent process's
@@ -272,9 +302,13 @@ class Edge:
         if runtime.discovery is not None:
             await runtime.discovery.start(self.metrics, register=self.worker_id <= 1,
                                           **self.discovery_args())
+        if self.terminator is not None:
+            self.metrics.set_certificate_expiry(self.terminator.certificates.expiry())
+            if self.worker_id <= 1:
+                log_tls_warnings(runtime)
         if sockets is None:
-            addresses = [*runtime.server.listen, *([runtime.config.admin.listen] if admin
-                                                   else [])]
+            addresses = [*runtime.server.all_listen(),
+                         *([runtime.config.admin.listen] if admin else [])]
             claims = [claim_port(address) for address in addresses]
             try:
                 sockets = {address: listen_socket(address) for address in addresses}
@@ -284,6 +318,11 @@ class Edge:
         for address in runtime.server.listen:
             self.listeners.append(await loop.create_server(
                 self.server, sock=sockets[address], backlog=PUBLIC_BACKLOG))
+        if self.terminator is not None and runtime.server.tls is not None:
+            acceptor = TlsAcceptor(self.server, self.terminator, self.metrics.record_tls)
+            for address in runtime.server.tls.listen:
+                self.tls_listeners.append(await loop.create_server(
+                    acceptor, sock=sockets[address], backlog=PUBLIC_BACKLOG))
         if admin:
             self.admin_listener = await loop.create_server(
                 self.admin, sock=sockets[runtime.config.admin.listen],
@@ -293,6 +332,8 @@ class Edge:
             loop.create_task(self._flush_metrics_forever()),
             loop.create_task(self.server.enforce_head_deadline()),
         ]
+        if self.terminator is not None and self.terminator.cfg.watch_files:
+            self._tasks.append(loop.create_task(self._watch_certificates()))
         if runtime.server.watch_config and runtime.file and os.path.exists(runtime.file):
             self._tasks.append(loop.create_task(
                 self.reloader.watch_file(self.reloader.file_stamp())))
@@ -328,11 +369,54 @@ class Edge:
         self.server._kwargs.update(keepalive_timeout=cfg.keepalive_timeout,
                                    **parser_limits(cfg))
         self.metrics.config_loaded_now(new.config_hash)
+        if self.terminator is not None and cfg.tls is not None and new.certificates:
+            # New handshakes get the new certificates; open connections keep theirs.
+            self.terminator.swap(new.certificates, cfg.tls)
+            self.server.tls_response_fields = hsts_fields(cfg.tls)
+            self.metrics.set_certificate_expiry(new.certificates.expiry())
+        if self.worker_id <= 1:
+            log_tls_warnings(new)
+
+    async def _watch_certificates(self, interval: float = 1.0) -> None:
+        """Re-read the certificate files when they change (a renewal by certbot or a
+        secret mount), without a reload; a bad new pair is logged and changes
+        nothing."""
+        assert self.terminator is not None
+        loop = asyncio.get_running_loop()
+        stamps = certificate_stamps(self.terminator.cfg)
+        while True:
+            await asyncio.sleep(interval)
+            terminator = self.terminator
+            current = certificate_stamps(terminator.cfg)
+            if current == stamps:
+                continue
+            stamps = current
+            try:
+                certificates = await loop.run_in_executor(
+                    None, build_certificates, terminator.cfg, self.runtime.file)
+            except ConfigError as exc:
+                log.error("certificate files changed but cannot be used, still serving "
+                          "the previous ones: %s", "; ".join(str(p) for p in exc.problems))
+                continue
+            terminator.swap(certificates, terminator.cfg)
+            self.metrics.set_certificate_expiry(certificates.expiry())
+            log.info("certificate files changed: %d certificate(s) reloaded",
+                     len(certificates.all))
 
 
     @property
     def ports(self) -> list[int]:
         return [int(s.sockets[0].getsockname()[1]) for s in self.listeners]
+
+    def tls_status(self) -> list[dict[str, Any]] | None:
+        """The certificates served now, for /status (names, file, expiry)."""
+        if self.terminator is None:
+            return None
+        return self.terminator.certificates.describe()
+
+    @property
+    def tls_ports(self) -> list[int]:
+        return [int(s.sockets[0].getsockname()[1]) for s in self.tls_listeners]
 
     @property
     def admin_port(self) -> int:
@@ -356,7 +440,7 @@ class Edge:
         discovery = self.forwarder.runtime.discovery
         if discovery is not None:
             await discovery.stop()  # deregisters first, so Consul stops sending us traffic
-        for listener in self.listeners:
+        for listener in [*self.listeners, *self.tls_listeners]:
             listener.close()
         # Idle keep-alive connections close now; busy ones after their response.
         self.server.pre_shutdown()
@@ -374,13 +458,14 @@ class Edge:
 
 async def serve_worker(runtime: Runtime, worker_id: int,
                        stop_requested: list[int] | None = None,
-                       sockets: dict[str, socket.socket] | None = None) -> None:
+                       sockets: dict[str, socket.socket] | None = None,
+                       tls_front: ssl.SSLContext | None = None) -> None:
     """Serve until SIGTERM/SIGINT, then drain in-flight requests (graceful_timeout).
     `stop_requested` holds signals that arrived before the loop's handlers existed."""
     loop = asyncio.get_running_loop()
     cfg = runtime.server
     edge = Edge(runtime, multiprocess_metrics=multiprocess_dir_is_set(), worker_id=worker_id,
-                supervised=True)
+                supervised=True, tls_front=tls_front)
     await edge.start(sockets=sockets)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -26,6 +26,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import sys
 import tempfile
 import time
@@ -39,6 +40,7 @@ from proxy.config import Config
 from proxy.listeners import PortInUse, claim_port, listening_socket
 from proxy.purge import PURGE_DIR_ENV
 from proxy.server import ADMIN_BACKLOG, PUBLIC_BACKLOG, serve_worker
+from proxy.tls.server import build_certificates, front_context
 
 __all__ = ["run_supervisor"]
 
@@ -69,13 +71,13 @@ def _die_with_parent(parent: int, name: bytes) -> None:
 
 def _worker_sockets(config: Config) -> dict[str, socket.socket]:
     sockets = {address: listening_socket(address, PUBLIC_BACKLOG)
-               for address in config.server.listen}
+               for address in config.server.all_listen()}
     sockets[config.admin.listen] = listening_socket(config.admin.listen, ADMIN_BACKLOG)
     return sockets
 
 
 def _worker_main(config: Config, file: str, worker_id: int,
-                 sockets: dict[str, socket.socket]) -> int:
+                 sockets: dict[str, socket.socket], tls_front: ssl.SSLContext | None) -> int:
     # A stop can arrive while the worker is still starting: remember it, and the
     # worker drains (nothing yet) and exits 0 as soon as it is up.
     stop_requested: list[int] = []
@@ -97,7 +99,7 @@ def _worker_main(config: Config, file: str, worker_id: int,
         gc.freeze()
         gc.set_threshold(50_000, 20, 20)
         with asyncio.Runner(loop_factory=loop_factory) as runner:
-            runner.run(serve_worker(runtime, worker_id, stop_requested, sockets))
+            runner.run(serve_worker(runtime, worker_id, stop_requested, sockets, tls_front))
         return 0
     except Exception:
         log.exception("worker %d failed", worker_id)
@@ -147,7 +149,8 @@ def _spawn_agent(config: Config, listening: socket.socket) -> int:
 
 
 def _spawn(config: Config, file: str, worker_id: int,
-           agent_socket: socket.socket | None = None) -> int:
+           agent_socket: socket.socket | None = None,
+           tls_front: ssl.SSLContext | None = None) -> int:
     if worker_id == AGENT:
         assert agent_socket is not None
         return _spawn_agent(config, agent_socket)
@@ -162,7 +165,7 @@ def _spawn(config: Config, file: str, worker_id: int,
             _die_with_parent(parent, b"bascule-worker")
             if agent_socket is not None:
                 agent_socket.close()  # the agent's to accept on, not a worker's
-            code = _worker_main(config, file, worker_id, sockets)
+            code = _worker_main(config, file, worker_id, sockets, tls_front)
         finally:
             logging.shutdown()
             os._exit(code)
@@ -197,7 +200,7 @@ def run_supervisor(config: Config, file: str) -> int:
     # Fail fast and clearly if a port is taken, before forking anything; the claims
     # are held until the supervisor exits (proxy/listeners.py).
     claims: list[socket.socket] = []
-    for address in dict.fromkeys([*config.server.listen, config.admin.listen]):
+    for address in dict.fromkeys([*config.server.all_listen(), config.admin.listen]):
         try:
             claims.append(claim_port(address))
         except PortInUse as exc:
@@ -238,6 +241,12 @@ def run_supervisor(config: Config, file: str) -> int:
 def _supervise(config: Config, file: str, metrics_dir: str,
                agent_socket: socket.socket) -> int:
     count = config.server.worker_count()
+    # Made here, before forking, so that every worker shares its session-ticket keys
+    # (proxy/tls/server.py, "Session resumption across workers").
+    tls_front = None
+    if config.server.tls is not None:
+        tls = config.server.tls
+        tls_front = front_context(tls, build_certificates(tls, file))
     workers: dict[int, int] = {}  # pid -> worker id (AGENT for the agent)
     stopping = False
     crashes: dict[int, list[float]] = {}
@@ -264,10 +273,12 @@ def _supervise(config: Config, file: str, metrics_dir: str,
 
     workers[_spawn(config, file, AGENT, agent_socket)] = AGENT
     for worker_id in range(1, count + 1):
-        workers[_spawn(config, file, worker_id, agent_socket)] = worker_id
+        workers[_spawn(config, file, worker_id, agent_socket, tls_front)] = worker_id
     if stopping:  # a stop that came while forking: pass it to the late ones too
         forward(signal.SIGTERM, None)
-    log.info("bascule serving on %s with %d worker(s)", ", ".join(config.server.listen), count)
+    log.info("bascule serving on %s with %d worker(s)", ", ".join(
+        [*config.server.listen, *(f"{a} (TLS)" for a in (config.server.tls.listen
+                                                       if config.server.tls else []))]), count)
 
     exit_code = 0
     while workers:
@@ -299,6 +310,6 @@ def _supervise(config: Config, file: str, metrics_dir: str,
         if len(recent) > 3:
             time.sleep(min(5.0, 0.5 * len(recent)))  # crash loop: back off
         if not stopping:
-            workers[_spawn(config, file, worker_id, agent_socket)] = worker_id
+            workers[_spawn(config, file, worker_id, agent_socket, tls_front)] = worker_id
     log.info("bascule stopped")
     return exit_code

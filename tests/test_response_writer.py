@@ -19,6 +19,7 @@ class FakeRequest:
     version: HttpVersion = HttpVersion11
     keep_alive: bool = True
     transport: Any = None
+    protocol: Any = None  # the edge protocol: none here, so no connection fields
 
 
 async def written(response: CompleteResponse, request: FakeRequest) -> bytes:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,17 +25,35 @@ import aiohttp
 from proxy.agent.outliers import OutlierGroup
 from proxy.agent.prober import ProbeTarget
 from proxy.agent.wire import Message, spec_key
-from proxy.config import HealthConfig, OutlierConfig
+from proxy.config import HealthConfig, OutlierConfig, UpstreamTlsConfig
 from proxy.discovery.consul import ServiceQuery
 from proxy.discovery.consul_entries import ConsulEntryError, backends_from_entries, same_backends
 from proxy.discovery.source import ConsulSettings, ConsulSource
 from proxy.models import Backend
+from proxy.tls.client import client_context
 
 __all__ = ["Hub", "HubClient"]
 
 log = logging.getLogger("bascule.agent")
 
-TargetKey = tuple[str, str, int]  # check spec key, host, port
+TargetKey = tuple[str, str, int, bool]  # check spec key, host, port, over TLS
+
+
+@dataclass
+class CheckSettings:
+    """A health check spec as the prober uses it; its TLS context made once."""
+
+    check: HealthConfig
+    tls: UpstreamTlsConfig | None
+    _context: ssl.SSLContext | None = None
+
+    def context(self) -> ssl.SSLContext:
+        if self._context is None:
+            if self.tls is not None:
+                self._context = client_context(self.tls)
+            else:
+                self._context = ssl.create_default_context()
+        return self._context
 
 
 class HubClient:
@@ -62,7 +81,7 @@ class WatchEntry:
 
     def message(self) -> Message:
         return ["backends", self.key, self.version,
-                [[b.id, b.host, b.port, b.weight] for b in self.backends],
+                [[b.id, b.host, b.port, b.weight, b.tls] for b in self.backends],
                 self.error or None]
 
 
@@ -87,7 +106,7 @@ class Hub:
         self.holders: dict[TargetKey, set[tuple[HubClient, str, str]]] = {}
         self.outliers: dict[str, OutlierGroup] = {}
         self.outlier_subscribers: dict[str, set[HubClient]] = {}
-        self._checks: dict[str, HealthConfig] = {}
+        self._checks: dict[str, CheckSettings] = {}
         self._session: aiohttp.ClientSession | None = None
         self._reconcile_soon: asyncio.Handle | None = None
         self._closing: set[asyncio.Task[None]] = set()
@@ -117,8 +136,7 @@ class Hub:
             elif op == "unwatch":
                 self._unwatch(client, message[1])
             elif op == "health":
-                check = HealthConfig.model_validate(message[2])
-                self._set_health(client, str(message[1]), check, message[3])
+                self._set_health(client, str(message[1]), message[2], message[3])
             elif op == "unhealth":
                 self._set_health(client, str(message[1]), None, [])
             elif op == "outliers":
@@ -237,14 +255,22 @@ class Hub:
                 connector=aiohttp.TCPConnector(limit=0))
         return self._session
 
-    def _set_health(self, client: HubClient, sub: str, check: HealthConfig | None,
+    def _check(self, spec: dict[str, Any]) -> str:
+        """The key of a check spec ({"check", "tls"}), its settings made once."""
+        key = spec_key(spec)
+        if key not in self._checks:
+            tls = UpstreamTlsConfig.model_validate(spec["tls"]) if spec.get("tls") else None
+            self._checks[key] = CheckSettings(HealthConfig.model_validate(spec["check"]), tls)
+        return key
+
+    def _set_health(self, client: HubClient, sub: str, spec: dict[str, Any] | None,
                     targets: list[Any]) -> None:
         wanted: dict[str, tuple[TargetKey, bool]] = {}
-        if check is not None:
-            check_key = spec_key(check.model_dump(mode="json"))
-            self._checks.setdefault(check_key, check)
-            for backend_id, host, port, up in targets:
-                wanted[str(backend_id)] = ((check_key, str(host), int(port)), bool(up))
+        if spec is not None:
+            check_key = self._check(spec)
+            for backend_id, host, port, up, tls in targets:
+                wanted[str(backend_id)] = ((check_key, str(host), int(port), bool(tls)),
+                                           bool(up))
         held = client.health.get(sub, {})
         for backend_id, target_key in held.items():
             if wanted.get(backend_id, (None,))[0] != target_key:
@@ -258,9 +284,13 @@ class Hub:
             if target is None:
                 # A new target starts from the state the worker knows (a restarted
                 # agent must not bring a down backend back before it passes `rise`).
+                settings = self._checks[target_key[0]]
                 target = self.targets[target_key] = ProbeTarget(
-                    self._checks[target_key[0]], target_key[1], target_key[2], up=up,
-                    notify=self._health_changed)
+                    settings.check, target_key[1], target_key[2], up=up,
+                    notify=self._health_changed,
+                    tls=settings.context() if target_key[3] else None,
+                    server_name=settings.tls.server_name if settings.tls else None)
+                target.key = target_key
                 target.start(self._session_for_probes())
             self.holders.setdefault(target_key, set()).add((client, sub, backend_id))
             if target.up != up:
@@ -282,8 +312,7 @@ class Hub:
     def _health_changed(self, target: ProbeTarget) -> None:
         log.warning("backend %s is %s: %s", target.address, "up" if target.up else "down",
                     target.reason)
-        key = (spec_key(target.check.model_dump(mode="json")), target.host, target.port)
-        for client, sub, backend_id in list(self.holders.get(key, ())):
+        for client, sub, backend_id in list(self.holders.get(target.key, ())):
             client.send(["health", sub, backend_id, target.up, target.reason])
 
     # -- outlier ejection -------------------------------------------------------------

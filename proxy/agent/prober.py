@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import ssl
 from collections.abc import Callable
+from typing import Any
 
 import aiohttp
 
@@ -25,8 +27,12 @@ class ProbeTarget:
     called on every change of state."""
 
     def __init__(self, check: HealthConfig, host: str, port: int, *, up: bool,
-                 notify: Callable[[ProbeTarget], None]) -> None:
+                 notify: Callable[[ProbeTarget], None], tls: ssl.SSLContext | None = None,
+                 server_name: str | None = None) -> None:
         self.check = check
+        self.tls = tls  # HTTPS, verified like the upstream's traffic
+        self.server_name = server_name
+        self.key: Any = None  # the hub's name for it
         self.host = host
         self.port = port
         self.up = up
@@ -61,11 +67,17 @@ class ProbeTarget:
         check = self.check
         headers = {"Host": check.host} if check.host else {}
         self.probes += 1
+        scheme = "https" if self.tls is not None else "http"
+        extra: dict[str, Any] = {}
+        if self.tls is not None:
+            extra["ssl"] = self.tls
+            if self.server_name:
+                extra["server_hostname"] = self.server_name
         try:
-            async with session.get(f"http://{self.address}{check.path}", headers=headers,
-                                   allow_redirects=False,
-                                   timeout=aiohttp.ClientTimeout(total=check.timeout)
-                                   ) as resp:
+            async with session.get(f"{scheme}://{self.address}{check.path}",
+                                   headers=headers, allow_redirects=False,
+                                   timeout=aiohttp.ClientTimeout(total=check.timeout),
+                                   **extra) as resp:
                 await resp.read()
                 ok, why = check.accepts(resp.status), f"health check answered {resp.status}"
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:

@@ -8,13 +8,13 @@ the other died. JSON rather than pickle: a worker never runs code sent to it.
 Worker → agent:
   ["watch", [[key, spec], ...]]           subscribe to Consul watches
   ["unwatch", [key, ...]]
-  ["health", sub, check, [[id, host, port, up], ...]]   active checks for these
+  ["health", sub, {check, tls}, [[id, host, port, up, tls], ...]]  active checks
   ["unhealth", sub]
   ["outliers", okey, outlier]             subscribe to an upstream's ejections
   ["unoutliers", okey]
   ["outlier", okey, id, backends]         this worker's failure streak hit the limit
 Agent → worker:
-  ["backends", key, version, [[id, host, port, weight], ...], error]
+  ["backends", key, version, [[id, host, port, weight, tls], ...], error]
   ["stale", key, error]                   the last known good set keeps serving
   ["fresh", source]                       the agent answered again (metrics' age)
   ["health", sub, id, up, reason]         active check state

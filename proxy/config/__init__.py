@@ -21,6 +21,7 @@ from proxy.config.model import (
     RouteConfig,
     ServerConfig,
 )
+from proxy.config.tls import CertificateEntry, ServerTlsConfig, UpstreamTlsConfig
 from proxy.config.types import Duration, Size, parse_hostport
 from proxy.config.upstream import (
     BackendEntry,
@@ -35,6 +36,7 @@ from proxy.config.upstream import (
 __all__ = [
     "AdminConfig",
     "BackendEntry",
+    "CertificateEntry",
     "Config",
     "ConsulConfig",
     "ConsulRegisterConfig",
@@ -47,9 +49,11 @@ __all__ = [
     "RetryConfig",
     "RouteConfig",
     "ServerConfig",
+    "ServerTlsConfig",
     "Size",
     "TimeoutsConfig",
     "UpstreamConfig",
+    "UpstreamTlsConfig",
     "load_config",
     "parse_config",
     "parse_hostport",

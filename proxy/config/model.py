@@ -13,6 +13,7 @@ from pydantic import (
     field_validator,
 )
 
+from proxy.config.tls import ServerTlsConfig
 from proxy.config.types import Duration, Size, Strict, parse_hostport
 from proxy.config.upstream import UpstreamConfig
 from proxy.pathnorm import readings
@@ -46,6 +47,11 @@ class ServerConfig(Strict):
     request_id: bool = True
     trust_request_id: bool = False
     watch_config: bool = False
+    tls: ServerTlsConfig | None = None  # TLS listeners (proxy/tls/)
+
+    def all_listen(self) -> list[str]:
+        """Every public listen address, plain and TLS."""
+        return [*self.listen, *(self.tls.listen if self.tls else [])]
 
     @field_validator("access_log")
     @classmethod

@@ -11,6 +11,7 @@ from pydantic import (
     field_validator,
 )
 
+from proxy.config.tls import UpstreamTlsConfig
 from proxy.config.types import Duration, Size, Strict, parse_hostport
 
 __all__ = ["BackendEntry", "ConsulServiceConfig", "HealthConfig", "OutlierConfig",
@@ -140,6 +141,7 @@ class UpstreamConfig(Strict):
     idle_timeout: Duration = 15.0
     retry: RetryConfig = Field(default_factory=RetryConfig)
     health: HealthConfig | None = None
+    tls: UpstreamTlsConfig | None = None  # HTTPS to the backends (proxy/tls/client.py)
     outlier: OutlierConfig = Field(default_factory=OutlierConfig)
     # Below this share of healthy backends, balance over all of them (Envoy's panic
     # threshold) rather than overload the survivors or fail everything.

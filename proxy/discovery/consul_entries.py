@@ -17,6 +17,9 @@ Service, Tags, Address, Port, Weights, TaggedAddresses) and `Checks`.
   up in Service.TaggedAddresses, then Node.TaggedAddresses, then as `service`.
 - Identity: "<node>/<service id>", the same on every Bascule instance, so consistent
   hashing places it the same way everywhere.
+- TLS per instance: the tag `proto=https` or the service meta `proto = "https"`
+  (fabio's convention) makes Bascule speak HTTPS to that instance, with the
+  upstream's `tls` settings (or verification against the system CAs).
 """
 
 from __future__ import annotations
@@ -71,6 +74,12 @@ def _address(node: dict[str, Any], service: dict[str, Any], policy: str) -> tupl
     return service_address, port
 
 
+def _wants_tls(service: dict[str, Any]) -> bool:
+    meta = service.get("Meta") or {}
+    return "proto=https" in (service.get("Tags") or ()) or (
+        isinstance(meta, dict) and meta.get("proto") == "https")
+
+
 def backends_from_entries(entries: Any, *, passing_only: bool = True,
                           address: str = "service") -> tuple[Backend, ...]:
     """Backends for a health/service answer, sorted by identity. Raises
@@ -97,10 +106,9 @@ def backends_from_entries(entries: Any, *, passing_only: bool = True,
         if not host:
             raise ConsulEntryError(f"service {service_id!r} has no address")
         identity = f"{node.get('Node', '')}/{service_id}"
-        found[identity] = Backend(identity, host, port, weight)
+        found[identity] = Backend(identity, host, port, weight, tls=_wants_tls(service))
     return tuple(found[k] for k in sorted(found))
 
 
 def same_backends(a: Sequence[Backend], b: Sequence[Backend]) -> bool:
-    return [(x.id, x.host, x.port, x.weight) for x in a] == \
-        [(x.id, x.host, x.port, x.weight) for x in b]
+    return [x.identity for x in a] == [x.identity for x in b]

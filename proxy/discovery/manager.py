@@ -39,7 +39,7 @@ class UpstreamFeed:
         self.stale = False
         self.error = ""
         self.last_success = 0.0
-        self.backends: tuple[tuple[str, str, int, int], ...] = ()
+        self.backends: tuple[tuple[str, str, int, int, bool], ...] = ()
 
 
 class ConsulDiscovery:
@@ -82,7 +82,8 @@ class ConsulDiscovery:
                 self._metrics.record_discovery(name, "consul", ok=False)
             return
         _, _, _, backends, error = message
-        identities = tuple((str(i), str(h), int(p), int(w)) for i, h, p, w in backends)
+        identities = tuple((str(i), str(h), int(p), int(w), bool(t))
+                           for i, h, p, w, t in backends)
         first = not feed.answered.is_set()
         changed = first or identities != feed.backends
         feed.stale, feed.error = bool(error), str(error or "")

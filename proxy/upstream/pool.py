@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 
 from proxy.errors import UpstreamConnectError
+from proxy.tls.client import verify_failure
 from proxy.upstream.connection import ResponseLimits, UpstreamConnection
 
 __all__ = ["BackendPool"]
@@ -26,9 +28,12 @@ class BackendPool:
     def __init__(
         self, host: str, port: int, *, max_idle: int, idle_timeout: float,
         connect_timeout: float, limits: ResponseLimits | None = None,
+        tls: ssl.SSLContext | None = None, server_name: str | None = None,
     ) -> None:
         self.host = host
         self.port = port
+        self.tls = tls  # HTTPS to this backend (proxy/tls/client.py)
+        self.server_name = server_name or host
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
         self.connect_timeout = connect_timeout
@@ -55,13 +60,22 @@ class BackendPool:
         loop = self._loop
         try:
             async with asyncio.timeout(self.connect_timeout):
-                _, conn = await loop.create_connection(
-                    lambda: UpstreamConnection(loop, self.limits, self._report),
-                    self.host, self.port
-                )
+                if self.tls is None:
+                    _, conn = await loop.create_connection(
+                        lambda: UpstreamConnection(loop, self.limits, self._report),
+                        self.host, self.port)
+                else:
+                    _, conn = await loop.create_connection(
+                        lambda: UpstreamConnection(loop, self.limits, self._report),
+                        self.host, self.port, ssl=self.tls,
+                        server_hostname=self.server_name)
         except TimeoutError:
             raise UpstreamConnectError(
                 f"connect to {self.host}:{self.port} timed out") from None
+        except ssl.SSLError as exc:
+            raise UpstreamConnectError(
+                f"connect to {self.host}:{self.port} (as {self.server_name!r}): "
+                f"{verify_failure(exc)}") from None
         except OSError as exc:
             raise UpstreamConnectError(
                 f"connect to {self.host}:{self.port} failed: {exc.strerror or exc}") from None

@@ -108,13 +108,13 @@ async def test_one_probe_for_two_workers_and_both_hear_the_verdict() -> None:
     hub = Hub()
     one, two = LocalLink(hub), LocalLink(hub)
     heard: dict[str, list[Any]] = {"one": [], "two": []}
-    check_spec = HealthConfig.model_validate({
+    check_spec = {"check": HealthConfig.model_validate({
         "path": "/h", "interval": "50ms", "jitter": "1ms", "fall": 2, "rise": 1,
-    }).model_dump(mode="json")
+    }).model_dump(mode="json"), "tls": None}
     try:
-        one.set_health("app@1", check_spec, [["b1", "127.0.0.1", port, True]],
+        one.set_health("app@1", check_spec, [["b1", "127.0.0.1", port, True, False]],
                        heard["one"].append)
-        two.set_health("app@2", check_spec, [["b1", "127.0.0.1", port, True]],
+        two.set_health("app@2", check_spec, [["b1", "127.0.0.1", port, True, False]],
                        heard["two"].append)
         assert len(hub.targets) == 1  # one (check, address): one prober
         status = 500
