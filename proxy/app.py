@@ -144,7 +144,9 @@ def build_runtime(config: Config, file: str) -> Runtime:
         quick={name: quick for name, chain in chains.items()
                if (quick := quick_answers(chain)) is not None},
         trusted=config.server.trusted_networks(), file=file,
-        config_hash=hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:16],
+        # The certificates' contents count: a renewal in place is a change to reload.
+        config_hash=hashlib.sha256(config.model_dump_json().encode() + (
+            certificates.digest.encode() if certificates else b"")).hexdigest()[:16],
         loaded_at=time.time(),
         certificates=certificates,
         https_port=parse_hostport(config.server.tls.listen[0], default_host="0.0.0.0")[1]

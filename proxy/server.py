@@ -35,7 +35,7 @@ from proxy.response import plain_answer
 from proxy.runtime import Runtime, sweep_forever
 from proxy.tls.server import (
     Terminator,
-    TlsAcceptor,
+    TlsListener,
     build_certificates,
     certificate_stamps,
     front_context,
@@ -271,7 +271,7 @@ class Edge:
         self.admin_api = AdminApi(self, runtime.config.admin)
         self.admin = web.Server(self.admin_api.handle, access_log=None)
         self.listeners: list[asyncio.Server] = []
-        self.tls_listeners: list[asyncio.Server] = []
+        self.tls_listeners: list[TlsListener] = []
         self.admin_listener: asyncio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
         # The hub of discovery, health checks and ejections: the agent process's
@@ -304,8 +304,8 @@ class Edge:
                                           **self.discovery_args())
         if self.terminator is not None:
             self.metrics.set_certificate_expiry(self.terminator.certificates.expiry())
-            if self.worker_id <= 1:
-                log_tls_warnings(runtime)
+        if self.worker_id <= 1:
+            log_tls_warnings(runtime)
         if sockets is None:
             addresses = [*runtime.server.all_listen(),
                          *([runtime.config.admin.listen] if admin else [])]
@@ -319,10 +319,13 @@ class Edge:
             self.listeners.append(await loop.create_server(
                 self.server, sock=sockets[address], backlog=PUBLIC_BACKLOG))
         if self.terminator is not None and runtime.server.tls is not None:
-            acceptor = TlsAcceptor(self.server, self.terminator, self.metrics.record_tls)
             for address in runtime.server.tls.listen:
-                self.tls_listeners.append(await loop.create_server(
-                    acceptor, sock=sockets[address], backlog=PUBLIC_BACKLOG))
+                sock = sockets[address]
+                sock.listen(PUBLIC_BACKLOG)
+                listener = TlsListener(sock, self.server, self.terminator,
+                                       self.metrics.record_tls)
+                listener.start()
+                self.tls_listeners.append(listener)
         if admin:
             self.admin_listener = await loop.create_server(
                 self.admin, sock=sockets[runtime.config.admin.listen],
@@ -416,7 +419,7 @@ class Edge:
 
     @property
     def tls_ports(self) -> list[int]:
-        return [int(s.sockets[0].getsockname()[1]) for s in self.tls_listeners]
+        return [listener.port for listener in self.tls_listeners]
 
     @property
     def admin_port(self) -> int:
@@ -440,8 +443,10 @@ class Edge:
         discovery = self.forwarder.runtime.discovery
         if discovery is not None:
             await discovery.stop()  # deregisters first, so Consul stops sending us traffic
-        for listener in [*self.listeners, *self.tls_listeners]:
+        for listener in self.listeners:
             listener.close()
+        for tls_listener in self.tls_listeners:
+            tls_listener.close()
         # Idle keep-alive connections close now; busy ones after their response.
         self.server.pre_shutdown()
         await self.server.shutdown(timeout)
@@ -475,7 +480,8 @@ async def serve_worker(runtime: Runtime, worker_id: int,
     loop.add_signal_handler(signal.SIGUSR1, edge.apply_broadcast_purges)
     loop.add_signal_handler(signal.SIGHUP,
                             lambda: loop.create_task(edge.reloader.reload()))
-    log.info("worker %d serving on %s", worker_id, ", ".join(cfg.listen))
+    log.info("worker %d serving on %s", worker_id, ", ".join(
+        [*cfg.listen, *(f"{a} (TLS)" for a in (cfg.tls.listen if cfg.tls else []))]))
     await stop.wait()
     log.info("worker %d draining (up to %.1fs)", worker_id, cfg.graceful_timeout)
     await edge.drain(cfg.graceful_timeout)

@@ -5,6 +5,7 @@ expired, not yet valid. Every problem names the file (and the config key)."""
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import ssl
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ class LoadedCertificate:
     not_before: float
     not_after: float
     cert_file: str
+    digest: str  # of the certificate and key files: a reload sees a renewal by it
 
     @property
     def label(self) -> str:
@@ -100,4 +102,11 @@ def load_certificate(entry: CertificateEntry, context: ssl.SSLContext,
     if now < not_before:
         raise CertificateError(f"{entry.cert}: not valid before "
                                f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC")
-    return LoadedCertificate(context, _names(cert), not_before, not_after, entry.cert)
+    try:
+        with open(entry.key, "rb") as fh:
+            key_bytes = fh.read()
+    except OSError as exc:
+        raise CertificateError(f"{entry.key}: unreadable: {exc.strerror or exc}") from None
+    digest = hashlib.sha256(pem + b"\0" + key_bytes).hexdigest()
+    return LoadedCertificate(context, _names(cert), not_before, not_after, entry.cert,
+                             digest)

@@ -25,8 +25,8 @@ one worker resumes on another (TLS 1.3, and TLS 1.2 tickets). What it does not
 allow: rotating those keys without a restart, sharing them between Bascule
 instances, or resuming by session ID across workers.
 
-**The handshake** runs after accept, on the plain transport (`loop.start_tls`), so
-that a failure is seen and counted by reason (a bounded set) before the HTTP
+**The handshake** is awaited per accepted socket (`loop.connect_accepted_socket`),
+so that a failure is seen and counted by reason (a bounded set) before the HTTP
 protocol exists; `handshake_timeout` bounds a client that stalls it.
 """
 
@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import ssl
 from collections.abc import Callable
 from typing import Any
@@ -52,7 +53,7 @@ __all__ = [
     "FAILURE_REASONS",
     "CertificateSet",
     "Terminator",
-    "TlsAcceptor",
+    "TlsListener",
     "build_certificates",
     "certificate_stamps",
     "failure_reason",
@@ -140,6 +141,10 @@ class CertificateSet:
         return [{"names": list(c.names), "file": c.cert_file, "not_after": c.not_after,
                  "default": c is self.default} for c in self.all]
 
+    @property
+    def digest(self) -> str:
+        return ",".join(c.digest for c in self.all)
+
     def expiry(self) -> list[tuple[str, float]]:
         return [(c.label, c.not_after) for c in self.all]
 
@@ -198,55 +203,66 @@ class Terminator:
         self.cfg = cfg
 
 
-class TlsAcceptor:
-    """Protocol factory for a TLS listener: hands each connection, once its
-    handshake is done, to the HTTP protocol `make_protocol()` makes."""
+class TlsListener:
+    """One TLS listening socket: accepts, shakes hands (`connect_accepted_socket`,
+    the loop's own TLS path, uvloop's included), counts each result by reason, and
+    hands a connection to the HTTP protocol `make_protocol()` makes only once its
+    handshake is done. (Not `start_tls` after a plain accept: uvloop starts reading
+    a new transport right after connection_made, whatever the protocol asked, so
+    the ClientHello could reach the plain protocol and be lost.)"""
 
-    def __init__(self, make_protocol: Callable[[], asyncio.Protocol],
+    def __init__(self, sock: socket.socket, make_protocol: Callable[[], asyncio.Protocol],
                  terminator: Terminator, on_result: Callable[[str, str], None]) -> None:
+        self.sock = sock
         self.make_protocol = make_protocol
         self.terminator = terminator
         self.on_result = on_result  # ("ok", version) or ("failed", reason)
         self.pending: set[asyncio.Task[None]] = set()
+        self._task: asyncio.Task[None] | None = None
 
-    def __call__(self) -> asyncio.Protocol:
-        return _Handshake(self)
+    @property
+    def port(self) -> int:
+        return int(self.sock.getsockname()[1])
 
+    def start(self) -> None:
+        self.sock.setblocking(False)
+        self._task = asyncio.get_running_loop().create_task(self._accept_forever())
 
-class _Handshake(asyncio.Protocol):
-    def __init__(self, acceptor: TlsAcceptor) -> None:
-        self.acceptor = acceptor
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        for task in self.pending:
+            task.cancel()
+        self.sock.close()
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # Nothing may be read as plaintext: start_tls takes the socket from here.
-        assert isinstance(transport, asyncio.Transport)
-        transport.pause_reading()
-        task = asyncio.get_running_loop().create_task(self._handshake(transport))
-        self.acceptor.pending.add(task)
-        task.add_done_callback(self.acceptor.pending.discard)
-
-    async def _handshake(self, transport: asyncio.Transport) -> None:
-        acceptor = self.acceptor
+    async def _accept_forever(self) -> None:
         loop = asyncio.get_running_loop()
-        app = acceptor.make_protocol()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(self.sock)
+            except OSError as exc:  # EMFILE and the like: the backlog holds them
+                log.warning("TLS listener: accept failed: %s", exc.strerror or exc)
+                await asyncio.sleep(0.1)
+                continue
+            task = loop.create_task(self._handshake(conn))
+            self.pending.add(task)
+            task.add_done_callback(self.pending.discard)
+
+    async def _handshake(self, conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
         try:
-            tls = await loop.start_tls(
-                transport, app, acceptor.terminator.front, server_side=True,
-                ssl_handshake_timeout=acceptor.terminator.cfg.handshake_timeout)
+            transport, _ = await loop.connect_accepted_socket(
+                self.make_protocol, conn, ssl=self.terminator.front,
+                ssl_handshake_timeout=self.terminator.cfg.handshake_timeout)
         except asyncio.CancelledError:
-            transport.abort()
+            conn.close()
             raise
         except (ssl.SSLError, OSError, TimeoutError, EOFError) as exc:
-            acceptor.on_result("failed", failure_reason(exc))
-            transport.abort()
+            self.on_result("failed", failure_reason(exc))
+            conn.close()
             return
-        if tls is None:  # the peer closed during the handshake
-            acceptor.on_result("failed", "reset")
-            transport.abort()
-            return
-        ssl_object = tls.get_extra_info("ssl_object")
-        acceptor.on_result("ok", str(ssl_object.version() if ssl_object else "unknown"))
-        app.connection_made(tls)
+        ssl_object = transport.get_extra_info("ssl_object")
+        self.on_result("ok", str(ssl_object.version() if ssl_object else "unknown"))
 
 
 def hsts_fields(cfg: ServerTlsConfig) -> bytes:
