@@ -114,15 +114,18 @@ server {{
 
 
 def wrk(url: str, path: str, body_size: int | None, duration: int, connections: int,
-        work: Path) -> tuple[float, float, float]:
+        work: Path, *, new_connections: bool = False, cpu: int | None = 1
+        ) -> tuple[float, float, float]:
     argv = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency"]
+    if new_connections:  # a new connection (and, over TLS, a full handshake) per request
+        argv += ["-H", "Connection: close"]
     if body_size:
         script = work / "post.lua"
         script.write_text('wrk.method = "POST"\n'
                           f'wrk.body = string.rep("x", {body_size})\n'
                           'wrk.headers["Content-Type"] = "application/octet-stream"\n')
         argv += ["-s", str(script)]
-    out = subprocess.run(pinned(1, [*argv, url + path]), capture_output=True, text=True,
+    out = subprocess.run(pinned(cpu, [*argv, url + path]), capture_output=True, text=True,
                          timeout=duration + 30).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
 
@@ -148,6 +151,7 @@ def main() -> int:
     ap.add_argument("--targets", help="comma-separated subset of targets")
     ap.add_argument("--observability", action="store_true",
                     help="add bascule-1 with metrics off, and with JSON access logs on")
+    ap.add_argument("--no-tls", action="store_true", help="skip the TLS section")
     ap.add_argument("--cache", action="store_true",
                     help="add bascule-1 with the cache (memory and Redis stores: GETs become "
                          "hits) and nginx with proxy_cache; prints hit/uncached ratios")
@@ -305,9 +309,109 @@ backends = ["127.0.0.1:{backend}"]
                 if name in by_target and base and ngx:
                     rps = statistics.median(r[0] for r in by_target[name])
                     print(f"| {scenario} | {name} | {rps / base:.2f}x | {rps / ngx:.2f}x |")
+    if not args.no_tls and shutil.which("openssl"):
+        tls_section(args, static)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0
+
+
+def tls_section(args: argparse.Namespace, static: Path) -> None:
+    """Bascule (one worker) and nginx terminating TLS with the same ECDSA P-256
+    certificate, proxying to the same plain backend: 1 KiB GETs over kept-alive
+    connections, and with a new connection (a full handshake) per request. Then the
+    handshake's cost to other connections: the latency of one kept-alive client
+    while 20 others make handshakes, against while 20 others make kept-alive
+    requests (the same worker, the same load shape)."""
+    work = Path(tempfile.mkdtemp(prefix="bascule-bench-tls-"))
+    work.chmod(0o755)
+    cert, key = work / "cert.pem", work / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:P-256", "-nodes", "-subj", "/CN=bench.test",
+                    "-addext", "subjectAltName=DNS:bench.test", "-days", "2",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    for path in (cert, key):
+        path.chmod(0o644)
+    bench = Bench(work)
+    targets: dict[str, int] = {}
+    try:
+        backend = free_port()
+        bench.nginx("backend", backend_conf(backend, static), cpu=1)
+        wait_port(backend)
+        port = free_port()
+        bench.nginx("nginx-tls", f"""
+upstream be {{ server 127.0.0.1:{backend}; keepalive 64; }}
+server {{ listen 127.0.0.1:{port} ssl; ssl_certificate {cert}; ssl_certificate_key {key};
+  ssl_protocols TLSv1.2 TLSv1.3; ssl_session_cache shared:SSL:10m;
+  location / {{ proxy_pass http://be; proxy_http_version 1.1;
+    proxy_set_header Connection ""; }} }}""", cpu=0)
+        targets["nginx-tls"] = port
+        port, plain, admin = free_port(), free_port(), free_port()
+        conf = work / "bascule-tls.toml"
+        conf.write_text(f"""
+[server]
+listen = ["127.0.0.1:{plain}"]
+workers = 1
+access_log = "off"
+[server.tls]
+listen = ["127.0.0.1:{port}"]
+certificates = [{{ cert = "{cert}", key = "{key}" }}]
+watch_files = false
+[admin]
+listen = "127.0.0.1:{admin}"
+[[routes]]
+upstream = "be"
+[upstreams.be]
+backends = ["127.0.0.1:{backend}"]
+""")
+        bench.start(pinned(0, [sys.executable, "-m", "proxy", "run", "-c", str(conf)]))
+        targets["bascule-1-tls"] = port
+        for p in targets.values():
+            wait_port(p)
+        time.sleep(0.5)
+        runs: dict[str, dict[str, list[tuple[float, float, float]]]] = {}
+        shapes = {"1KiB GET, TLS kept alive": False, "1KiB GET, TLS handshake each": True}
+        for rnd in range(args.rounds):
+            for scenario, new in shapes.items():
+                for name, p in targets.items():
+                    r = wrk(f"https://127.0.0.1:{p}", "/1k", None, args.duration,
+                            args.connections, work, new_connections=new)
+                    runs.setdefault(scenario, {}).setdefault(name, []).append(r)
+                    print(f"round {rnd + 1} {scenario:30} {name:13} {r[0]:9.0f} req/s "
+                          f"p50 {r[1]:.2f}ms p99 {r[2]:.2f}ms", file=sys.stderr)
+        # The stall probe: one kept-alive client's latency beside 20 busy ones.
+        probe: dict[str, list[tuple[float, float, float]]] = {}
+        for _ in range(args.rounds):
+            for label, new in (("beside kept-alive requests", False),
+                               ("beside handshakes", True)):
+                argv = ["wrk", "-t1", "-c20", f"-d{args.duration + 2}s"]
+                if new:
+                    argv += ["-H", "Connection: close"]
+                load = subprocess.Popen(pinned(1, [*argv, f"https://127.0.0.1:{port}/1k"]),
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                time.sleep(1)
+                r = wrk(f"https://127.0.0.1:{port}", "/1k", None, args.duration, 1, work)
+                load.wait()
+                probe.setdefault(label, []).append(r)
+    finally:
+        bench.stop_all()
+    print(f"\nTLS: medians of {args.rounds} rounds, {args.duration}s each, "
+          f"{args.connections} connections, ECDSA P-256\n")
+    print("| scenario | target | req/s | p50 ms | p99 ms | vs nginx-tls |")
+    print("|---|---|---:|---:|---:|---:|")
+    for scenario, by_target in runs.items():
+        base = statistics.median(r[0] for r in by_target["nginx-tls"])
+        for name, rs in by_target.items():
+            rps = statistics.median(r[0] for r in rs)
+            print(f"| {scenario} | {name} | {rps:.0f} | "
+                  f"{statistics.median(r[1] for r in rs):.2f} | "
+                  f"{statistics.median(r[2] for r in rs):.2f} | {rps / base:.2f}x |")
+    print("\none kept-alive client of bascule-1-tls beside 20 other clients:\n")
+    print("| the 20 others make | probe p50 ms | probe p99 ms |")
+    print("|---|---:|---:|")
+    for label, rs in probe.items():
+        print(f"| {label} | {statistics.median(r[1] for r in rs):.2f} | "
+              f"{statistics.median(r[2] for r in rs):.2f} |")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ set -euo pipefail
 # command:package pairs
 case "${1:-}" in
   test)  need=(promtool:prometheus prometheus:prometheus   # the metrics tests
-               redis-server:redis-server redis-cli:redis-tools) ;;   # the cache tests
+               redis-server:redis-server redis-cli:redis-tools   # the cache tests
+               curl:curl openssl:openssl) ;;   # the TLS tests check with real clients
   bench) need=(wrk:wrk nginx:nginx haproxy:haproxy) ;;
   *) echo "usage: $0 test|bench" >&2; exit 2 ;;
 esac

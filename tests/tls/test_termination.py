@@ -293,10 +293,10 @@ async def test_plain_http_redirects_to_https_and_tls_answers_carry_hsts(
         await edge.drain(1.0)
 
 
-@pytest.mark.skipif(not shutil.which("curl") or not shutil.which("openssl"),
-                    reason="curl and openssl: make test installs them")
 async def test_curl_and_openssl_agree(tmp_path: Path, pki: Pki,
                                       backend: dict[str, Any]) -> None:
+    assert shutil.which("curl") and shutil.which("openssl"), \
+        "curl and openssl missing: `make test` installs them"
     edge = await start_edge(tls_config(tmp_path, backend["port"], [pki.issue("one.test")]))
     try:
         port = edge.tls_ports[0]
