@@ -118,7 +118,7 @@ def _with_certificates(example: Path, directory: Path) -> Path:
     for stem, names, password in [("example.com", ["example.com"], None),
                                   ("wildcard.example.com", ["*.example.com"], b"pw"),
                                   ("bascule-client", ["bascule.internal"], None)]:
-        cert, key = pki.issue(*names, stem=stem, password=password)
+        pki.issue(*names, stem=stem, password=password)
     (directory / "wildcard.pass").write_text("pw\n")
     (directory / "internal-ca.pem").write_bytes(pki.ca_file.read_bytes())
     copy = directory / "tls.toml"
