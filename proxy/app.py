@@ -17,7 +17,7 @@ from proxy.errors import ConfigError, ConfigProblem
 from proxy.headers import HeaderPolicy
 from proxy.loader import PLUGIN_GROUP, STRATEGY_GROUP, load
 from proxy.models import Backend, BackendSet
-from proxy.plugin import Plugin, PluginSeams, quick_answers
+from proxy.plugin import Plugin, PluginSeams, ReadsFiles, quick_answers
 from proxy.routing import Route, RouteTable
 from proxy.runtime import Runtime, Upstream
 from proxy.strategy import Strategy
@@ -146,7 +146,9 @@ def build_runtime(config: Config, file: str) -> Runtime:
         trusted=config.server.trusted_networks(), file=file,
         # The certificates' contents count: a renewal in place is a change to reload.
         config_hash=hashlib.sha256(config.model_dump_json().encode() + (
-            certificates.digest.encode() if certificates else b"")).hexdigest()[:16],
+            certificates.digest.encode() if certificates else b"") + "".join(
+            p.source_digest() for p in built.values() if isinstance(p, ReadsFiles)
+        ).encode()).hexdigest()[:16],
         loaded_at=time.time(),
         certificates=certificates,
         https_port=parse_hostport(config.server.tls.listen[0], default_host="0.0.0.0")[1]

@@ -20,6 +20,7 @@ from yarl import URL
 from proxy.accesslog import AccessLog, AccessRecord
 from proxy.body import read_body
 from proxy.chain import ChainCall, check_method_change, compose_chain
+from proxy.client_address import client_address
 from proxy.errors import (
     AmbiguousPath,
     BasculeError,
@@ -313,7 +314,8 @@ class Forwarder:
                              None, True, False, websocket=ws)
             try:
                 response = await upgrade_chain(ProxyRequest(
-                    message.method, target, chain_headers.copy(), peer, route.name,
+                    message.method, target, chain_headers.copy(),
+                    client_address(peer, headers, runtime.trusted), route.name,
                     upstream.name, engine=call))
             except BasculeError as exc:
                 return error_response(exc.status, exc.public_message)
@@ -395,7 +397,8 @@ class Forwarder:
                                   framing, request_id, peer, has_body, chunked, hash_key,
                                   body, body_done, continue_sent)
                 proxy_request = ProxyRequest(message.method, target, chain_headers.copy(),
-                                             peer, route.name, upstream.name, memo or {},
+                                             client_address(peer, headers, runtime.trusted),
+                                             route.name, upstream.name, memo or {},
                                              engine=call)
                 handler = runtime.handlers[route.name]
                 return await self._write_proxy_response(request, await handler(proxy_request),

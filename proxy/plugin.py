@@ -27,6 +27,9 @@ engine names no plugin:
 - `FetchesEarly.quick_fetch(..., memo)`: the same, awaited when quick_answer had
   none; what it puts in `memo` reaches the chain as `ProxyRequest.extra` (a cache
   passes on what it read from Redis, so a miss costs one read, not two).
+- `ReadsFiles.source_digest()`: a digest of the files the plugin read when built
+  (an htpasswd file): part of the config's identity, so a reload after editing only
+  that file is a change, not "unchanged".
 - `Purgeable.purge(url=, prefix=, tag=)` for `POST /cache/purge` on the admin
   listener, and `purge_is_local()`: True when the plugin's state lives in each worker
   (the purge is then broadcast to every worker).
@@ -42,7 +45,8 @@ from multidict import CIMultiDict
 
 __all__ = ["AnswersEarly", "CarriesOverReload", "ClosesWithRuntime", "FetchesEarly",
            "Handler", "Plugin", "PluginContext", "PluginFactory", "PluginSeams",
-           "ProxyRequest", "ProxyResponse", "Purgeable", "QuickAnswer", "StartsWithRuntime",
+           "ProxyRequest", "ProxyResponse", "Purgeable", "QuickAnswer", "ReadsFiles",
+           "StartsWithRuntime",
            "quick_answers"]
 
 # (status, reason, header block, body, has Date): an answer given before the chain
@@ -54,7 +58,9 @@ class ProxyRequest:
     method: str
     target: str  # the raw request-target: path and query, byte-exact
     headers: CIMultiDict[str]  # the client's header fields; changes are sent upstream
-    client: str  # the client's address
+    # The client's address: the TCP peer, or what a trusted proxy's X-Forwarded-For
+    # names (proxy/client_address.py); never a value an untrusted client chose.
+    client: str
     route: str  # the route's name
     upstream: str  # the upstream's name
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. what quick_fetch looked up
@@ -127,6 +133,11 @@ class AnswersEarly(Protocol):
 class FetchesEarly(Protocol):
     async def quick_fetch(self, method: str, host: str, target: str, headers: Any,
                           route: str, memo: dict[str, Any]) -> QuickAnswer | None: ...
+
+
+@runtime_checkable
+class ReadsFiles(Protocol):
+    def source_digest(self) -> str: ...
 
 
 @runtime_checkable
