@@ -114,11 +114,13 @@ server {{
 
 
 def wrk(url: str, path: str, body_size: int | None, duration: int, connections: int,
-        work: Path, *, new_connections: bool = False, cpu: int | None = 1
-        ) -> tuple[float, float, float]:
+        work: Path, *, new_connections: bool = False, cpu: int | None = 1,
+        auth: str = "") -> tuple[float, float, float]:
     argv = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency"]
     if new_connections:  # a new connection (and, over TLS, a full handshake) per request
         argv += ["-H", "Connection: close"]
+    if auth:
+        argv += ["-H", f"Authorization: Basic {auth}"]
     if body_size:
         script = work / "post.lua"
         script.write_text('wrk.method = "POST"\n'
@@ -152,6 +154,8 @@ def main() -> int:
     ap.add_argument("--observability", action="store_true",
                     help="add bascule-1 with metrics off, and with JSON access logs on")
     ap.add_argument("--no-tls", action="store_true", help="skip the TLS section")
+    ap.add_argument("--no-plugins", action="store_true",
+                    help="skip the access plugin rows (ip_filter, basic_auth)")
     ap.add_argument("--cache", action="store_true",
                     help="add bascule-1 with the cache (memory and Redis stores: GETs become "
                          "hits) and nginx with proxy_cache; prints hit/uncached ratios")
@@ -230,6 +234,10 @@ server {{ listen 127.0.0.1:{port};
                 redis_url = f"redis://127.0.0.1:{redis_port}/0"
 
         variants = [("1", "1", 0, "true", "off"), ("auto", '"auto"', None, "true", "off")]
+        if not args.no_plugins:  # one row per access plugin, 1 KiB GET only
+            variants += [("1-passthrough", "1", 0, "true", "off"),
+                         ("1-ip_filter", "1", 0, "true", "off"),
+                         ("1-basic_auth", "1", 0, "true", "off")]
         if args.observability:
             variants += [("1-nometrics", "1", 0, "false", "off"),
                          ("1-accesslog", "1", 0, "true", "/dev/null")]
@@ -238,8 +246,25 @@ server {{ listen 127.0.0.1:{port};
             if redis_url:  # with the near cache (default), and every hit read from Redis
                 variants += [("1-redis", "1", 0, "true", "off"),
                              ("1-redis-nonear", "1", 0, "true", "off")]
+        htpasswd = work / "bench.htpasswd"
+        htpasswd.write_text(  # bcrypt of "bench", made with cost 4 (checked once, cached)
+            "bench:$2b$04$mqnimVBim2CtIgwufoCthuHRSM7txz3wasls9J/wdxzVZJqIWcQsa\n")
         for label, workers, cpu, metrics, access_log in variants:
             cache = label.endswith(("-cache", "-redis", "-nonear"))
+            plugin = label.removeprefix("1-") if label in (
+                "1-passthrough", "1-ip_filter", "1-basic_auth") else ""
+            plugin_table = {
+                "ip_filter": '[[plugins]]\nname = "p"\nuse = "ip_filter"\n'
+                             'options = { allow = ["127.0.0.0/8", "10.0.0.0/8"], '
+                             'deny = ["10.9.0.0/16"] }\n',
+                "basic_auth": f'[[plugins]]\nname = "p"\nuse = "basic_auth"\n'
+                              f'options = {{ htpasswd = "{htpasswd}" }}\n',
+                # A plugin that only calls on: the chain's own cost, to set the
+                # plugins' cost apart from it.
+                "passthrough": '[[plugins]]\nname = "p"\n'
+                               'use = "tests.example_plugins:Deny"\n'
+                               'options = { prefix = "/never" }\n',
+            }.get(plugin, "")
             store = "redis" if "-redis" in label else "memory"
             near = 'near_cache_size = "0"' if label.endswith("-nonear") else ""
             port, admin = free_port(), free_port()
@@ -260,9 +285,11 @@ max_object_size = "2MiB"
 [redis]
 url = "{redis_url or 'redis://127.0.0.1:6379/0'}"
 timeout = "200ms"
+{plugin_table}
 [[routes]]
 upstream = "be"
 cache = {'true' if cache else 'false'}
+{'plugins = ["p"]' if plugin else ""}
 [upstreams.be]
 backends = ["127.0.0.1:{backend}"]
 """)
@@ -278,8 +305,12 @@ backends = ["127.0.0.1:{backend}"]
                 for name, port in targets.items():
                     if args.targets and name not in [*args.targets.split(","), "nginx"]:
                         continue
+                    if (name.endswith(("passthrough", "ip_filter", "basic_auth"))
+                            and scenario != "1KiB GET"):
+                        continue
                     r = wrk(f"http://127.0.0.1:{port}", path, body, args.duration,
-                            args.connections, work)
+                            args.connections, work,
+                            auth="YmVuY2g6YmVuY2g=" if name.endswith("basic_auth") else "")
                     results.setdefault(scenario, {}).setdefault(name, []).append(r)
                     print(f"round {rnd + 1} {scenario:11} {name:13} {r[0]:9.0f} req/s "
                           f"p50 {r[1]:.2f}ms p99 {r[2]:.2f}ms", file=sys.stderr)
@@ -298,6 +329,19 @@ backends = ["127.0.0.1:{backend}"]
             p99 = statistics.median(r[2] for r in runs)
             print(f"| {scenario} | {name} | {rps:.0f} | {p50:.2f} | {p99:.2f} | "
                   f"{rps / nginx_rps:.2f}x |")
+    plugin_rows = results.get("1KiB GET", {})
+    if "bascule-1" in plugin_rows and "bascule-1-passthrough" in plugin_rows:
+        base = statistics.median(r[0] for r in plugin_rows["bascule-1"])
+        chain = statistics.median(r[0] for r in plugin_rows["bascule-1-passthrough"])
+        print("\naccess plugins on 1KiB GET, vs the plugin-less route (bascule-1) and vs "
+              "a route whose only plugin calls on (the chain's own cost):\n")
+        print("| plugin | req/s | vs no plugin | vs pass-through plugin |")
+        print("|---|---:|---:|---:|")
+        for name in ("bascule-1-passthrough", "bascule-1-ip_filter", "bascule-1-basic_auth"):
+            if name in plugin_rows:
+                rps = statistics.median(r[0] for r in plugin_rows[name])
+                print(f"| {name.removeprefix('bascule-1-')} | {rps:.0f} | {rps / base:.2f}x "
+                      f"| {rps / chain:.2f}x |")
     if args.cache:
         print("\ncache hits vs the same route uncached (bascule-1), and vs nginx proxy_cache:\n")
         print("| scenario | target | vs uncached | vs nginx-cache |")

@@ -107,7 +107,20 @@ def test_shipped_configs_are_valid(tmp_path: Path) -> None:
     for file in files:
         if file.name == "tls.toml":
             file = _with_certificates(file, tmp_path)
+        elif file.name == "access.toml":
+            file = _with_htpasswd(file, tmp_path)
         build_runtime(load_config(file), str(file))
+
+
+def _with_htpasswd(example: Path, directory: Path) -> Path:
+    """The access example with the htpasswd file it names."""
+    import bcrypt
+
+    users = directory / "staff.htpasswd"
+    users.write_text(f"ana:{bcrypt.hashpw(b'pw', bcrypt.gensalt(4)).decode()}\n")
+    copy = directory / "access.toml"
+    copy.write_text(example.read_text().replace("/etc/bascule/staff.htpasswd", str(users)))
+    return copy
 
 
 def _with_certificates(example: Path, directory: Path) -> Path:
