@@ -69,6 +69,7 @@ class Metrics:
         self._live: Callable[[], dict[str, set[str]]] = dict
         self.open_connections = 0
         self._tls: dict[tuple[str, str], int] = {}  # (kind, label) -> count
+        self._rate_limits: dict[tuple[str, str], int] = {}  # (route, result) -> count
 
         r = registry
         self.requests_total = Counter(
@@ -119,6 +120,10 @@ class Metrics:
         self.open_connections_gauge = Gauge(
             "bascule_open_connections", "Open client connections.",
             multiprocess_mode="livesum", registry=r)
+        self.rate_limit_decisions = Counter(
+            "bascule_rate_limit_decisions_total", "Rate limit decisions by route and "
+            "result (allowed, limited, dry_run_limited, unkeyed, store_error_allowed, "
+            "store_error_refused).", ["route", "result"], registry=r)
         self.tls_handshakes = Counter(
             "bascule_tls_handshakes_total", "TLS handshakes completed on TLS listeners.",
             ["version"], registry=r)
@@ -259,6 +264,10 @@ class Metrics:
             state[1] += 1
             state[3] = 1
 
+    def record_rate_limit(self, route: str, result: str) -> None:
+        key = (route, result)
+        self._rate_limits[key] = self._rate_limits.get(key, 0) + 1
+
     def record_tls(self, kind: str, label: str) -> None:
         """A handshake: ("ok", version) or ("failed", reason), both bounded."""
         if kind == "ok" and label not in ("TLSv1.2", "TLSv1.3"):
@@ -326,6 +335,9 @@ class Metrics:
             if state[2]:
                 self.discovery_age.labels(upstream, source).set(now - state[2])
             self.discovery_stale.labels(upstream, source).set(state[3])
+        rate_limits, self._rate_limits = self._rate_limits, {}
+        for (route, result), count in rate_limits.items():
+            self.rate_limit_decisions.labels(route, result).inc(count)
         tls, self._tls = self._tls, {}
         for (kind, label), count in tls.items():
             (self.tls_handshakes if kind == "ok" else self.tls_failures).labels(label).inc(

@@ -13,8 +13,11 @@ log = logging.getLogger("bascule.cache")
 
 
 class Breaker:
-    def __init__(self, name: str, threshold: int = 3, cooldown: float = 5.0) -> None:
+    def __init__(self, name: str, threshold: int = 3, cooldown: float = 5.0,
+                 what: str = "cache store", log: logging.Logger = log) -> None:
         self.name = name
+        self.what = what  # for the log lines: "cache store", "rate limit store"
+        self._log = log
         self.threshold = threshold
         self.cooldown = cooldown
         self.failures = 0
@@ -36,7 +39,7 @@ class Breaker:
 
     def success(self) -> None:
         if self.opened_at is not None:
-            log.warning("cache store %s is back; using it again", self.name)
+            self._log.warning("%s %s is back; using it again", self.what, self.name)
         self.failures = 0
         self.opened_at = None
         self._trial = False
@@ -48,5 +51,6 @@ class Breaker:
             self._trial = False
         elif self.failures >= self.threshold:
             self.opened_at = time.monotonic()
-            log.warning("cache store %s failing (%s: %s); serving without it for %.0fs "
-                        "and retrying", self.name, type(error).__name__, error, self.cooldown)
+            self._log.warning("%s %s failing (%s: %s); serving without it for %.0fs "
+                              "and retrying", self.what, self.name, type(error).__name__,
+                              error, self.cooldown)
