@@ -29,6 +29,7 @@ from proxy.plugin import Handler, ProxyRequest, ProxyResponse
 __all__ = ["IpFilter"]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+_VERDICTS_MAX = 65_536
 
 
 def _networks(options: dict[str, Any], key: str) -> tuple[Network, ...]:
@@ -57,8 +58,20 @@ class IpFilter:
         if not isinstance(message, str):
             raise ValueError("message: must be a string")
         self.body = message.encode() + b"\n"
+        # Parsing an address and testing networks costs microseconds: the verdict for
+        # an address is kept (bounded; the lists only change with a rebuild).
+        self._verdicts: dict[str, bool] = {}
 
     def admits(self, client: str) -> bool:
+        verdict = self._verdicts.get(client)
+        if verdict is None:
+            verdict = self._judge(client)
+            if len(self._verdicts) >= _VERDICTS_MAX:
+                self._verdicts.clear()
+            self._verdicts[client] = verdict
+        return verdict
+
+    def _judge(self, client: str) -> bool:
         try:
             address = ipaddress.ip_address(client.partition("%")[0])
         except ValueError:

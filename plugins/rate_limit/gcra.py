@@ -14,31 +14,30 @@ is allowed when TAT - now <= tau (with TAT = max(TAT, now)); then TAT += T. At r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 __all__ = ["Decision", "MemoryStore", "Policy", "decide"]
 
 
-@dataclass(frozen=True)
 class Policy:
-    limit: int  # requests per period
-    period_us: int
-    burst: int
+    """`limit` requests per period, `burst` more at once; derived values computed
+    once (a decision is on the request path)."""
 
-    @property
-    def interval_us(self) -> int:
-        return max(1, self.period_us // self.limit)
+    __slots__ = ("burst", "interval_us", "limit", "period_us", "tolerance_us")
 
-    @property
-    def tolerance_us(self) -> int:
-        return self.interval_us * self.burst
+    def __init__(self, limit: int, period_us: int, burst: int) -> None:
+        self.limit = limit
+        self.period_us = period_us
+        self.burst = burst
+        self.interval_us = max(1, period_us // limit)
+        self.tolerance_us = self.interval_us * burst
 
 
-@dataclass(frozen=True)
 class Decision:
-    allowed: bool
-    retry_after_us: int  # when refused: until the next request may pass
-    ahead_us: int  # TAT - now after the decision: how far the key is "in debt"
+    __slots__ = ("ahead_us", "allowed", "retry_after_us")
+
+    def __init__(self, allowed: bool, retry_after_us: int, ahead_us: int) -> None:
+        self.allowed = allowed
+        self.retry_after_us = retry_after_us  # when refused: until the next may pass
+        self.ahead_us = ahead_us  # TAT - now after the decision: the key's "debt"
 
     def remaining(self, policy: Policy) -> int:
         """Requests that would still pass right now."""

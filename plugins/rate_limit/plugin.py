@@ -87,6 +87,7 @@ class RateLimit:
         self.policy = Policy(limit, int(period * 1_000_000), _int(options, "burst", 0, 0))
         self.period = period
         self.parts = _key_parts(options.get("key", ["client_ip"]))
+        self._client_only = self.parts == (("client_ip", ""),)
         store = options.get("store", "memory")
         if store not in ("memory", "redis"):
             raise ValueError('store: must be "memory" or "redis"')
@@ -105,6 +106,7 @@ class RateLimit:
         self.redis: RedisStore | None = None
         self._record: Any = lambda route, result: None
         self.policy_field = f'"{self.name}";q={limit};w={max(1, round(period))}'
+        self._quoted = f'"{self.name}"'
 
     async def start(self, context: PluginContext) -> None:
         metrics = context.metrics
@@ -121,6 +123,8 @@ class RateLimit:
             await self.redis.aclose()
 
     def key(self, request: ProxyRequest) -> str | None:
+        if self._client_only:
+            return request.client
         values = []
         for kind, name in self.parts:
             if kind == "client_ip":
@@ -173,8 +177,9 @@ class RateLimit:
 
     def _describe(self, headers: CIMultiDict[str], decision: Decision) -> None:
         headers["RateLimit-Policy"] = self.policy_field
-        headers["RateLimit"] = (f'"{self.name}";r={decision.remaining(self.policy)};'
-                                f"t={math.ceil(decision.reset_us() / 1_000_000)}")
+        # t: whole seconds until the key is back at rest, rounded up
+        headers["RateLimit"] = (f"{self._quoted};r={decision.remaining(self.policy)};"
+                                f"t={-(-decision.ahead_us // 1_000_000)}")
 
     def _refuse(self, decision: Decision) -> ProxyResponse:
         body = b"too many requests\n"
