@@ -399,7 +399,9 @@ class Forwarder:
                 proxy_request = ProxyRequest(message.method, target, chain_headers.copy(),
                                              client_address(peer, headers, runtime.trusted),
                                              route.name, upstream.name, memo or {},
-                                             engine=call)
+                                             engine=call,
+                                             scheme="https" if request.protocol.tls  # type: ignore[attr-defined]
+                                             else "http")
                 handler = runtime.handlers[route.name]
                 return await self._write_proxy_response(request, await handler(proxy_request),
                                                         outcome)

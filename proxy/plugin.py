@@ -67,6 +67,7 @@ class ProxyRequest:
     # The engine's own state for this request (for the chain's terminal step): not
     # for plugins to read or change.
     engine: Any = field(default=None, repr=False, compare=False)
+    scheme: str = "http"  # "https" when the client came over a TLS listener
 
 
 @dataclass
