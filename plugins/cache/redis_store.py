@@ -31,14 +31,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 from urllib.parse import quote
 
-import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from plugins.cache.breaker import Breaker
 from plugins.cache.codec import CorruptEntry, decode, encode
 from plugins.cache.resp import RespClient
 from plugins.cache.store import Entry, SecondaryKey
+from plugins.redis_client import connect_timeout, redis_client
 
 __all__ = ["RedisStore"]
 
@@ -85,24 +84,11 @@ class RedisStore:
         self.cluster = cluster
         self.breaker = Breaker("redis", breaker_failures, breaker_cooldown)
         self.on_error = on_error or (lambda store: None)
-        # Connecting may take longer than one call's deadline; calls are bounded by
-        # asyncio.timeout in _call, not by socket timeouts.
-        connect_timeout = max(timeout, 0.5)
-        self.client: Any
-        if cluster:
-            # The cluster client keeps a pool per node and raises when one is full,
-            # so its pools are left unbounded (connections grow with concurrency).
-            self.client = RedisCluster.from_url(url, socket_connect_timeout=connect_timeout)
-        else:
-            # A full pool makes a call wait for a connection (within the call's
-            # deadline) instead of failing and tripping the breaker.
-            pool = aioredis.BlockingConnectionPool.from_url(
-                url, max_connections=pool_size, timeout=None,
-                socket_connect_timeout=connect_timeout)
-            self.client = aioredis.Redis(connection_pool=pool)
+        self.client: Any = redis_client(url, cluster=cluster, pool_size=pool_size,
+                                        timeout=timeout)
         # The hit path's reads go through a lean pipelined client (resp.py).
         self.reads = None if cluster else RespClient(
-            url, connections=min(4, pool_size), connect_timeout=connect_timeout)
+            url, connections=min(4, pool_size), connect_timeout=connect_timeout(timeout))
         self._put = self.client.register_script(_PUT)
         self._unlock = self.client.register_script(_UNLOCK)
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}

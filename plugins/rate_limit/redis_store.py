@@ -13,13 +13,12 @@ import hashlib
 import logging
 from typing import Any
 
-import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from plugins.cache.breaker import Breaker
 from plugins.cache.resp import RespClient
 from plugins.rate_limit.gcra import Decision, Policy
+from plugins.redis_client import connect_timeout, redis_client
 
 __all__ = ["RedisStore", "StoreUnavailable"]
 
@@ -54,21 +53,14 @@ class RedisStore:
         self.timeout = timeout
         self.prefix = f"{prefix}rl:{name}:"
         self.breaker = Breaker("redis", what="rate limit store", log=log)
-        connect_timeout = max(timeout, 0.5)
-        self.client: Any
-        if cluster:
-            self.client = RedisCluster.from_url(url, socket_connect_timeout=connect_timeout)
-        else:
-            pool = aioredis.BlockingConnectionPool.from_url(
-                url, max_connections=pool_size, timeout=None,
-                socket_connect_timeout=connect_timeout)
-            self.client = aioredis.Redis(connection_pool=pool)
+        self.client: Any = redis_client(url, cluster=cluster, pool_size=pool_size,
+                                        timeout=timeout)
         self._script = self.client.register_script(_GCRA)
         # A decision per request: through the cache's lean pipelined client
         # (plugins/cache/resp.py, EVAL by its text; Redis caches the compiled
         # script), not redis-py's ~130 us of CPU a call. Cluster stays on redis-py.
         self.fast = None if cluster else RespClient(
-            url, connections=min(4, pool_size), connect_timeout=connect_timeout)
+            url, connections=min(4, pool_size), connect_timeout=connect_timeout(timeout))
 
     def key(self, key: str) -> str:
         # Hashed: bounded length whatever the key parts, and no client value in Redis.

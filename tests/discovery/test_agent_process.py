@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,6 @@ import pytest
 from aiohttp import web
 
 from tests.consul_emulator import ConsulEmulator
-from tests.discovery.test_consul import named_backend
 from tests.helpers import (
     GetLoad,
     children_of,
@@ -35,22 +33,6 @@ from tests.helpers import (
 )
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-async def consul() -> AsyncIterator[ConsulEmulator]:
-    emulator = ConsulEmulator()
-    await emulator.start()
-    yield emulator
-    await emulator.stop()
-
-
-@pytest.fixture
-async def backends() -> AsyncIterator[dict[str, int]]:
-    started = {name: await named_backend(name) for name in ("a", "b", "c")}
-    yield {name: port for name, (port, _) in started.items()}
-    for _, listener in started.values():
-        listener.close()
 
 
 class Bascule:

@@ -6,34 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import AsyncIterator
 
 import aiohttp
-import pytest
 
 from proxy.agent.link import LocalLink
 from proxy.server import Edge
 from tests.consul_emulator import ConsulEmulator
-from tests.discovery.test_consul import named_backend
 from tests.helpers import eventually, start_proxy_with_admin
 
 SERVICES = ("s1", "s2", "s3", "s4", "s5")
-
-
-@pytest.fixture
-async def consul() -> AsyncIterator[ConsulEmulator]:
-    emulator = ConsulEmulator()
-    await emulator.start()
-    yield emulator
-    await emulator.stop()
-
-
-@pytest.fixture
-async def backends() -> AsyncIterator[dict[str, int]]:
-    started = {name: await named_backend(name) for name in ("a", "b", "c")}
-    yield {name: port for name, (port, _) in started.items()}
-    for _, listener in started.values():
-        listener.close()
 
 
 async def edge_for(consul: ConsulEmulator, services: tuple[str, ...],

@@ -7,44 +7,18 @@ import asyncio
 import collections
 import functools
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from proxy.agent.link import LocalLink
 from proxy.discovery.consul import ConsulWatch
 from proxy.server import Edge
 from tests.consul_emulator import ConsulEmulator
 from tests.helpers import eventually as wait_until
-from tests.helpers import free_port, port_of, start_backend, start_proxy_with_admin
-
-
-async def named_backend(name: str) -> tuple[int, Any]:
-    async def handler(request: web.BaseRequest) -> web.StreamResponse:
-        return web.Response(text=name)
-
-    _, listener = await start_backend(handler)
-    return port_of(listener), listener
-
-
-@pytest.fixture
-async def consul() -> AsyncIterator[ConsulEmulator]:
-    emulator = ConsulEmulator()
-    await emulator.start()
-    yield emulator
-    await emulator.stop()
-
-
-@pytest.fixture
-async def backends() -> AsyncIterator[dict[str, int]]:
-    started = {name: await named_backend(name) for name in ("a", "b", "c")}
-    yield {name: port for name, (port, _) in started.items()}
-    for _, listener in started.values():
-        listener.close()
+from tests.helpers import free_port, start_proxy_with_admin
 
 
 async def consul_edge(address: str, upstream: str = 'service = "web"', extra: str = "",
