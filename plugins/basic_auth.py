@@ -38,7 +38,7 @@ from typing import Any
 import bcrypt
 from multidict import CIMultiDict
 
-from proxy.plugin import Handler, ProxyRequest, ProxyResponse
+from proxy.plugin import Handler, ProxyRequest, ProxyResponse, refuse_unknown_options
 from proxy.units import parse_duration
 
 __all__ = ["BasicAuth", "parse_htpasswd"]
@@ -96,10 +96,7 @@ def _check(hashed: bytes, password: bytes) -> bool:
 
 class BasicAuth:
     def __init__(self, options: dict[str, Any]) -> None:
-        unknown = set(options) - _OPTIONS
-        if unknown:
-            raise ValueError(f"{sorted(unknown)[0]}: unknown option "
-                             f"({', '.join(sorted(_OPTIONS))})")
+        refuse_unknown_options(options, _OPTIONS)
         path = options.get("htpasswd")
         if not isinstance(path, str) or not path:
             raise ValueError("htpasswd: the path of an htpasswd file is required")

@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 
 from multidict import CIMultiDict
 
-from proxy.plugin import Handler, PluginContext, ProxyRequest, ProxyResponse
+from proxy.plugin import Handler, PluginContext, ProxyRequest, ProxyResponse, refuse_unknown_options
 from proxy.units import parse_duration
 from proxy.upstream.heads import ResponseLimits
 from proxy.upstream.pool import BackendPool
@@ -66,10 +66,7 @@ def _token(value: str) -> bytes:
 
 class ForwardAuth:
     def __init__(self, options: dict[str, Any]) -> None:
-        unknown = set(options) - _OPTIONS
-        if unknown:
-            raise ValueError(f"{sorted(unknown)[0]}: unknown option "
-                             f"({', '.join(sorted(_OPTIONS))})")
+        refuse_unknown_options(options, _OPTIONS)
         url = options.get("url")
         parts = urlsplit(url) if isinstance(url, str) else None
         if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:

@@ -24,7 +24,7 @@ from typing import Any
 
 from multidict import CIMultiDict
 
-from proxy.plugin import Handler, ProxyRequest, ProxyResponse
+from proxy.plugin import Handler, ProxyRequest, ProxyResponse, refuse_unknown_options
 
 __all__ = ["IpFilter"]
 
@@ -47,9 +47,7 @@ def _networks(options: dict[str, Any], key: str) -> tuple[Network, ...]:
 
 class IpFilter:
     def __init__(self, options: dict[str, Any]) -> None:
-        unknown = set(options) - {"allow", "deny", "message"}
-        if unknown:
-            raise ValueError(f"{sorted(unknown)[0]}: unknown option (allow, deny, message)")
+        refuse_unknown_options(options, {"allow", "deny", "message"})
         self.allow = _networks(options, "allow")
         self.deny = _networks(options, "deny")
         if not self.allow and not self.deny:

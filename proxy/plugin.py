@@ -43,11 +43,25 @@ from typing import Any, Protocol, runtime_checkable
 
 from multidict import CIMultiDict
 
-__all__ = ["AnswersEarly", "CarriesOverReload", "ClosesWithRuntime", "FetchesEarly",
-           "Handler", "Plugin", "PluginContext", "PluginFactory", "PluginSeams",
-           "ProxyRequest", "ProxyResponse", "Purgeable", "QuickAnswer", "ReadsFiles",
-           "StartsWithRuntime",
-           "quick_answers"]
+__all__ = [
+    "AnswersEarly",
+    "CarriesOverReload",
+    "ClosesWithRuntime",
+    "FetchesEarly",
+    "Handler",
+    "Plugin",
+    "PluginContext",
+    "PluginFactory",
+    "PluginSeams",
+    "ProxyRequest",
+    "ProxyResponse",
+    "Purgeable",
+    "QuickAnswer",
+    "ReadsFiles",
+    "StartsWithRuntime",
+    "quick_answers",
+    "refuse_unknown_options",
+]
 
 # (status, reason, header block, body, has Date): an answer given before the chain
 QuickAnswer = tuple[int, bytes, bytes, bytes, bool]
@@ -88,6 +102,15 @@ class ProxyResponse:
 
 
 Handler = Callable[[ProxyRequest], Awaitable[ProxyResponse]]
+
+
+def refuse_unknown_options(options: dict[str, Any], known: set[str]) -> None:
+    """For a plugin's constructor: a misspelt option is an error naming it (and the
+    ones that exist), reported by `bascule check` at `plugins[N].options.NAME`."""
+    unknown = set(options) - known
+    if unknown:
+        raise ValueError(f"{sorted(unknown)[0]}: unknown option "
+                         f"({', '.join(sorted(known))})")
 
 
 @dataclass

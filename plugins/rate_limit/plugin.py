@@ -35,7 +35,7 @@ from multidict import CIMultiDict
 
 from plugins.rate_limit.gcra import Decision, MemoryStore, Policy
 from plugins.rate_limit.redis_store import RedisStore, StoreUnavailable
-from proxy.plugin import Handler, PluginContext, ProxyRequest, ProxyResponse
+from proxy.plugin import Handler, PluginContext, ProxyRequest, ProxyResponse, refuse_unknown_options
 from proxy.units import parse_duration
 
 __all__ = ["RateLimit"]
@@ -73,10 +73,7 @@ def _key_parts(value: Any) -> tuple[tuple[str, str], ...]:
 
 class RateLimit:
     def __init__(self, options: dict[str, Any]) -> None:
-        unknown = set(options) - _OPTIONS
-        if unknown:
-            raise ValueError(f"{sorted(unknown)[0]}: unknown option "
-                             f"({', '.join(sorted(_OPTIONS))})")
+        refuse_unknown_options(options, _OPTIONS)
         limit = _int(options, "limit", None, 1)
         try:
             period = parse_duration(options.get("period", "1s"))

@@ -237,3 +237,16 @@ options = { allow = ["10.0.0.0/33"] }
     result = check(path)
     assert "plugins[0].options.allow: '10.0.0.0/33' is not an IP address or network" in \
         result.stdout, result.stdout
+
+
+def test_a_misspelt_option_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "b.toml"
+    path.write_text(config_text(1, """
+[[plugins]]
+name = "f"
+use = "ip_filter"
+options = { alow = ["10.0.0.0/8"] }
+""", ["f"]))
+    result = check(path)
+    assert "plugins[0].options.alow: unknown option (allow, deny, message)" in \
+        result.stdout, result.stdout
