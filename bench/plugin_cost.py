@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from plugins.basic_auth import BasicAuth  # noqa: E402
+from plugins.headers import Headers  # noqa: E402
 from plugins.ip_filter import IpFilter  # noqa: E402
 from plugins.rate_limit.plugin import RateLimit  # noqa: E402
 from proxy.plugin import ProxyRequest, ProxyResponse  # noqa: E402
@@ -63,6 +64,9 @@ async def main() -> None:
                                 "deny": ["198.51.100.66/32"]}), {}),
         ("basic_auth", BasicAuth({"htpasswd": str(users)}), auth),
         ("rate_limit (memory)", RateLimit({"limit": 100_000_000, "burst": 100_000}), {}),
+        ("headers (2 rules + security)", Headers({
+            "request_set": {"X-Client": "${client}"}, "response_remove": ["Server"],
+            "security": True}), {}),
     ]
     base = None
     print("| plugin | µs per call | µs over pass-through |")

@@ -238,7 +238,8 @@ server {{ listen 127.0.0.1:{port};
             variants += [("1-passthrough", "1", 0, "true", "off"),
                          ("1-ip_filter", "1", 0, "true", "off"),
                          ("1-basic_auth", "1", 0, "true", "off"),
-                         ("1-rate_limit", "1", 0, "true", "off")]
+                         ("1-rate_limit", "1", 0, "true", "off"),
+                         ("1-headers", "1", 0, "true", "off")]
             if shutil.which("redis-server"):
                 if not redis_url:
                     redis_port = free_port()
@@ -263,13 +264,16 @@ server {{ listen 127.0.0.1:{port};
             cache = label.endswith(("-cache", "-redis", "-nonear"))
             plugin = label.removeprefix("1-") if label in (
                 "1-passthrough", "1-ip_filter", "1-basic_auth", "1-rate_limit",
-                "1-rate_limit_redis") else ""
+                "1-rate_limit_redis", "1-headers") else ""
             plugin_table = {
                 "ip_filter": '[[plugins]]\nname = "p"\nuse = "ip_filter"\n'
                              'options = { allow = ["127.0.0.0/8", "10.0.0.0/8"], '
                              'deny = ["10.9.0.0/16"] }\n',
                 "basic_auth": f'[[plugins]]\nname = "p"\nuse = "basic_auth"\n'
                               f'options = {{ htpasswd = "{htpasswd}" }}\n',
+                "headers": '[[plugins]]\nname = "p"\nuse = "headers"\n'
+                           '[plugins.options]\nrequest_set = { "X-Client" = "${client}" }\n'
+                           'response_remove = ["Server"]\nsecurity = true\n',
                 # Never reached (a limit far above wrk's rate): the decision's cost.
                 "rate_limit": '[[plugins]]\nname = "p"\nuse = "rate_limit"\n'
                               'options = { limit = 100000000, burst = 100000 }\n',
@@ -323,7 +327,7 @@ backends = ["127.0.0.1:{backend}"]
                     if args.targets and name not in [*args.targets.split(","), "nginx"]:
                         continue
                     if (name.endswith(("passthrough", "ip_filter", "basic_auth",
-                                       "rate_limit", "rate_limit_redis"))
+                                       "rate_limit", "rate_limit_redis", "headers"))
                             and scenario != "1KiB GET"):
                         continue
                     r = wrk(f"http://127.0.0.1:{port}", path, body, args.duration,
@@ -351,12 +355,13 @@ backends = ["127.0.0.1:{backend}"]
     if "bascule-1" in plugin_rows and "bascule-1-passthrough" in plugin_rows:
         base = statistics.median(r[0] for r in plugin_rows["bascule-1"])
         chain = statistics.median(r[0] for r in plugin_rows["bascule-1-passthrough"])
-        print("\ntraffic control plugins on 1KiB GET, vs the plugin-less route (bascule-1) and vs "
+        print("\nplugins on 1KiB GET, vs the plugin-less route (bascule-1) and vs "
               "a route whose only plugin calls on (the chain's own cost):\n")
         print("| plugin | req/s | vs no plugin | vs pass-through plugin |")
         print("|---|---:|---:|---:|")
         for name in ("bascule-1-passthrough", "bascule-1-ip_filter", "bascule-1-basic_auth",
-                     "bascule-1-rate_limit", "bascule-1-rate_limit_redis"):
+                     "bascule-1-rate_limit", "bascule-1-rate_limit_redis",
+                     "bascule-1-headers"):
             if name in plugin_rows:
                 rps = statistics.median(r[0] for r in plugin_rows[name])
                 print(f"| {name.removeprefix('bascule-1-')} | {rps:.0f} | {rps / base:.2f}x "

@@ -401,7 +401,8 @@ class Forwarder:
                                              route.name, upstream.name, memo or {},
                                              engine=call,
                                              scheme="https" if request.protocol.tls  # type: ignore[attr-defined]
-                                             else "http")
+                                             else "http",
+                                             request_id=request_id.decode("latin-1"))
                 handler = runtime.handlers[route.name]
                 return await self._write_proxy_response(request, await handler(proxy_request),
                                                         outcome)

@@ -82,6 +82,7 @@ class ProxyRequest:
     # for plugins to read or change.
     engine: Any = field(default=None, repr=False, compare=False)
     scheme: str = "http"  # "https" when the client came over a TLS listener
+    request_id: str = ""  # X-Request-Id as forwarded (server.request_id)
 
 
 @dataclass
