@@ -402,7 +402,9 @@ class Forwarder:
                                              engine=call,
                                              scheme="https" if request.protocol.tls  # type: ignore[attr-defined]
                                              else "http",
-                                             request_id=request_id.decode("latin-1"))
+                                             request_id=request_id.decode("latin-1"),
+                                             whole_body=b"".join(body) if body_done and body
+                                             else (b"" if not has_body else None))
                 handler = runtime.handlers[route.name]
                 return await self._write_proxy_response(request, await handler(proxy_request),
                                                         outcome)

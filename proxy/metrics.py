@@ -70,6 +70,7 @@ class Metrics:
         self.open_connections = 0
         self._tls: dict[tuple[str, str], int] = {}  # (kind, label) -> count
         self._rate_limits: dict[tuple[str, str], int] = {}  # (route, result) -> count
+        self._mirrors: dict[tuple[str, str], int] = {}  # (route, result) -> count
 
         r = registry
         self.requests_total = Counter(
@@ -124,6 +125,9 @@ class Metrics:
             "bascule_rate_limit_decisions_total", "Rate limit decisions by route and "
             "result (allowed, limited, dry_run_limited, unkeyed, store_error_allowed, "
             "store_error_refused).", ["route", "result"], registry=r)
+        self.mirror_requests = Counter(
+            "bascule_mirror_requests_total", "Request copies by the mirror plugin: sent, "
+            "failed, dropped_busy, dropped_body.", ["route", "result"], registry=r)
         self.tls_handshakes = Counter(
             "bascule_tls_handshakes_total", "TLS handshakes completed on TLS listeners.",
             ["version"], registry=r)
@@ -268,6 +272,10 @@ class Metrics:
         key = (route, result)
         self._rate_limits[key] = self._rate_limits.get(key, 0) + 1
 
+    def record_mirror(self, route: str, result: str) -> None:
+        key = (route, result)
+        self._mirrors[key] = self._mirrors.get(key, 0) + 1
+
     def record_tls(self, kind: str, label: str) -> None:
         """A handshake: ("ok", version) or ("failed", reason), both bounded."""
         if kind == "ok" and label not in ("TLSv1.2", "TLSv1.3"):
@@ -338,6 +346,9 @@ class Metrics:
         rate_limits, self._rate_limits = self._rate_limits, {}
         for (route, result), count in rate_limits.items():
             self.rate_limit_decisions.labels(route, result).inc(count)
+        mirrors, self._mirrors = self._mirrors, {}
+        for (route, result), count in mirrors.items():
+            self.mirror_requests.labels(route, result).inc(count)
         tls, self._tls = self._tls, {}
         for (kind, label), count in tls.items():
             (self.tls_handshakes if kind == "ok" else self.tls_failures).labels(label).inc(

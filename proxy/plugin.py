@@ -83,6 +83,10 @@ class ProxyRequest:
     engine: Any = field(default=None, repr=False, compare=False)
     scheme: str = "http"  # "https" when the client came over a TLS listener
     request_id: str = ""  # X-Request-Id as forwarded (server.request_id)
+    # The request's body when the engine read it whole before the chain (the route's
+    # `buffer_requests`, or no body: b""); None when it streams to the backend and a
+    # plugin cannot see it. Read-only: the engine sends what it read.
+    whole_body: bytes | None = None
 
 
 @dataclass

@@ -23,17 +23,17 @@ class SubrequestError(Exception):
         self.timeout = timeout
 
 
-async def fetch(pool: BackendPool, head: bytes, *, timeout: float, max_body: int
-                ) -> tuple[ResponseHead, bytes]:
-    """Send `head` (a complete request head, no body); the final response head and
-    its body (at most `max_body` bytes)."""
+async def fetch(pool: BackendPool, head: bytes, *, timeout: float, max_body: int,
+                body: bytes = b"") -> tuple[ResponseHead, bytes]:
+    """Send `head` (a complete request head, with Content-Length when `body`); the
+    final response head and its body (at most `max_body` bytes)."""
     try:
         async with asyncio.timeout(timeout):
             for attempt in (1, 2):
                 conn, reused = await pool.acquire()
                 reusable = False
                 try:
-                    conn.begin(head, is_head=False)
+                    conn.begin(head, is_head=False, body=[body] if body else None)
                     conn.request_sent()
                     try:
                         answer = await conn.read_head()
@@ -43,14 +43,14 @@ async def fetch(pool: BackendPool, head: bytes, *, timeout: float, max_body: int
                         if reused and attempt == 1 and not conn.received_any:
                             continue  # a stale kept-alive connection: once more
                         raise
-                    body = bytearray()
+                    received = bytearray()
                     while chunk := await conn.read_chunk():
-                        body += chunk
-                        if len(body) > max_body:
+                        received += chunk
+                        if len(received) > max_body:
                             raise SubrequestError(f"answer body over {max_body} bytes",
                                                   timeout=False)
                     reusable = True
-                    return answer, bytes(body)
+                    return answer, bytes(received)
                 finally:
                     pool.release(conn, conn.finish() and reusable)
     except TimeoutError:
