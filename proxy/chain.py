@@ -49,7 +49,8 @@ class ChainCall:
     the plugins see and may change."""
 
     __slots__ = ("body", "body_done", "chunked", "client_host", "continue_sent", "framing",
-                 "has_body", "hash_key", "head_rest", "headers", "outcome", "peer",
+                 "has_body", "hash_key", "head_rest", "headers", "headers_version",
+                 "outcome", "peer",
                  "request", "request_id", "request_line", "route", "runtime", "target",
                  "upstream", "websocket")
 
@@ -70,6 +71,9 @@ class ChainCall:
         self.head_rest = head_rest
         self.client_host = client_host
         self.headers = headers  # as the chain was given them (changes are detected)
+        # multidict's version of the ProxyRequest's copy when the chain began: any
+        # change (or a replaced dict) moves it, so "unchanged" costs one comparison.
+        self.headers_version: int | None = None
         self.framing = framing
         self.request_id = request_id
         self.peer = peer

@@ -28,7 +28,7 @@ from proxy.errors import (
 )
 from proxy.metrics import Metrics
 from proxy.models import Backend
-from proxy.plugin import ProxyResponse
+from proxy.plugin import ProxyResponse, headers_version
 from proxy.relay import Outcome, UpstreamBody, respond
 from proxy.response import has_no_body
 from proxy.retry import RetryDecision, decide_retry
@@ -133,16 +133,19 @@ class Exchange:
             self.finish(started, False)
             raise UpstreamInvalidResponse("transfer-coded response on a route with plugins")
         headers: CIMultiDict[str] = CIMultiDict(fields.items())
+        ready = (headers_version(headers), fields.block())
         reason = head.reason.decode("latin-1")
         complete = conn.take_buffered_body()
         if complete is not None:
             self.release_conn(conn.finish())
             self.finish(started, True)
             if no_body:
-                return ProxyResponse(head.status, headers, b"", reason, fields.body_length)
-            return ProxyResponse(head.status, headers, complete, reason, len(complete))
+                return ProxyResponse(head.status, headers, b"", reason, fields.body_length,
+                                     ready_block=ready)
+            return ProxyResponse(head.status, headers, complete, reason, len(complete),
+                                 ready_block=ready)
         return ProxyResponse(head.status, headers, UpstreamBody(self, started), reason,
-                             fields.body_length)
+                             fields.body_length, ready_block=ready)
 
     async def _connect_and_send(self) -> ResponseHead:
         """Attempts on (other) backends until one answers, within the upstream's retry

@@ -35,7 +35,7 @@ from proxy.exchange import Exchange, Outcome
 from proxy.headers import build_request_head, is_trusted
 from proxy.metrics import Metrics
 from proxy.pathnorm import normal_form
-from proxy.plugin import ProxyRequest, ProxyResponse, QuickAnswer
+from proxy.plugin import ProxyRequest, ProxyResponse, QuickAnswer, headers_version
 from proxy.response import (
     CompleteResponse,
     ProxiedResponse,
@@ -115,7 +115,8 @@ class Forwarder:
         if preq.target != call.target or method != original:
             line = (method.encode("ascii") + b" " + preq.target.encode("utf-8", "surrogateescape")
                     + b" HTTP/1.1\r\n")
-        if list(preq.headers.items()) != list(call.headers.items()):
+        if (headers_version(preq.headers) != call.headers_version if call.headers_version
+                is not None else list(preq.headers.items()) != list(call.headers.items())):
             raw = [(k.encode("utf-8", "surrogateescape"), v.encode("utf-8", "surrogateescape"))
                    for k, v in preq.headers.items()]
             runtime = call.runtime
@@ -136,7 +137,8 @@ class Forwarder:
         101 the writer passes through."""
         ws = call.websocket
         assert ws is not None
-        if list(preq.headers.items()) != list(call.headers.items()):
+        if (headers_version(preq.headers) != call.headers_version if call.headers_version
+                is not None else list(preq.headers.items()) != list(call.headers.items())):
             ws.headers = [(k.encode("utf-8", "surrogateescape"),
                            v.encode("utf-8", "surrogateescape"))
                           for k, v in preq.headers.items()]
@@ -156,8 +158,12 @@ class Forwarder:
         if isinstance(tunnelled, web.StreamResponse):
             return tunnelled  # a WebSocket tunnel, written while it ran
         headers = response.headers
-        block = b"".join(f"{k}: {v}\r\n".encode("latin-1", "replace")
-                         for k, v in headers.items())
+        ready = response.ready_block
+        if ready is not None and headers_version(headers) == ready[0]:
+            block = ready[1]  # no plugin changed the backend's fields
+        else:
+            block = b"".join(f"{k}: {v}\r\n".encode("latin-1", "replace")
+                             for k, v in headers.items())
         body = response.body
         reason = response.reason.encode("latin-1", "replace")
         no_body = has_no_body(request.method, response.status)
@@ -405,6 +411,7 @@ class Forwarder:
                                              request_id=request_id.decode("latin-1"),
                                              whole_body=b"".join(body) if body_done and body
                                              else (b"" if not has_body else None))
+                call.headers_version = headers_version(proxy_request.headers)
                 handler = runtime.handlers[route.name]
                 return await self._write_proxy_response(request, await handler(proxy_request),
                                                         outcome)

@@ -41,7 +41,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from multidict import CIMultiDict
+from multidict import CIMultiDict, getversion
 
 __all__ = [
     "AnswersEarly",
@@ -98,6 +98,9 @@ class ProxyResponse:
     # Content-Length of a streamed body when known (None: chunked or until close)
     length: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # for plugins to talk to each other
+    # The engine's: (multidict version of `headers`, their head block) when it made
+    # `headers` from a backend's head; the block is reused while nothing changed them.
+    ready_block: tuple[int, bytes] | None = field(default=None, repr=False, compare=False)
 
     async def aclose(self) -> None:
         """Release what an unconsumed streamed body holds (its backend connection)."""
@@ -107,6 +110,13 @@ class ProxyResponse:
 
 
 Handler = Callable[[ProxyRequest], Awaitable[ProxyResponse]]
+
+
+def headers_version(headers: CIMultiDict[str]) -> int:
+    """multidict's version of a header dict: it moves on every change, and a new dict
+    has a new one, so the engine sees whether a plugin touched the fields with one
+    comparison."""
+    return getversion(headers)  # type: ignore[arg-type]  # typed for MultiDict[object]
 
 
 def refuse_unknown_options(options: dict[str, Any], known: set[str]) -> None:
