@@ -115,12 +115,14 @@ server {{
 
 def wrk(url: str, path: str, body_size: int | None, duration: int, connections: int,
         work: Path, *, new_connections: bool = False, cpu: int | None = 1,
-        auth: str = "") -> tuple[float, float, float]:
+        auth: str = "", accept: str = "") -> tuple[float, float, float]:
     argv = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency"]
     if new_connections:  # a new connection (and, over TLS, a full handshake) per request
         argv += ["-H", "Connection: close"]
     if auth:
         argv += ["-H", f"Authorization: Basic {auth}"]
+    if accept:
+        argv += ["-H", f"Accept-Encoding: {accept}"]
     if body_size:
         script = work / "post.lua"
         script.write_text('wrk.method = "POST"\n'
@@ -154,6 +156,8 @@ def main() -> int:
     ap.add_argument("--observability", action="store_true",
                     help="add bascule-1 with metrics off, and with JSON access logs on")
     ap.add_argument("--no-tls", action="store_true", help="skip the TLS section")
+    ap.add_argument("--no-compress", action="store_true",
+                    help="skip the compression section")
     ap.add_argument("--no-plugins", action="store_true",
                     help="skip the access plugin rows (ip_filter, basic_auth)")
     ap.add_argument("--cache", action="store_true",
@@ -379,9 +383,86 @@ backends = ["127.0.0.1:{backend}"]
                     print(f"| {scenario} | {name} | {rps / base:.2f}x | {rps / ngx:.2f}x |")
     if not args.no_tls and shutil.which("openssl"):
         tls_section(args, static)
+    if not args.no_compress:
+        compress_section(args, static)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0
+
+
+def compress_section(args: argparse.Namespace, static: Path) -> None:
+    """A 64 KiB JSON body compressed on the fly: Bascule's `compress` plugin per coding
+    (one worker) against nginx `gzip on` at the same gzip level (4), both proxying to
+    the same backend; req/s, and the bytes one answer takes on the wire."""
+    import json as jsonlib
+
+    body = jsonlib.dumps([{"id": i, "name": f"item {i}", "tags": ["a", "b"], "ok": True}
+                          for i in range(1200)]).encode()[:64 * 1024]
+    (static / "64k.json").write_bytes(body)
+    work = Path(tempfile.mkdtemp(prefix="bascule-bench-gz-"))
+    work.chmod(0o755)
+    bench = Bench(work)
+    rows: dict[str, list[tuple[float, float, float]]] = {}
+    wire: dict[str, int] = {}
+    try:
+        backend = free_port()
+        bench.nginx("backend", backend_conf(backend, static), cpu=1)
+        wait_port(backend)
+        nginx_port = free_port()
+        bench.nginx("nginx-gzip", f"""
+upstream be {{ server 127.0.0.1:{backend}; keepalive 64; }}
+server {{ listen 127.0.0.1:{nginx_port};
+  gzip on; gzip_comp_level 4; gzip_types application/json text/plain; gzip_proxied any;
+  gzip_min_length 1024;
+  location / {{ proxy_pass http://be; proxy_http_version 1.1;
+    proxy_set_header Connection ""; }} }}""", cpu=0)
+        port, admin = free_port(), free_port()
+        conf = work / "bascule-compress.toml"
+        conf.write_text(f"""
+[server]
+listen = ["127.0.0.1:{port}"]
+access_log = "off"
+[admin]
+listen = "127.0.0.1:{admin}"
+[[plugins]]
+name = "compress"
+use = "compress"
+[[routes]]
+upstream = "be"
+plugins = ["compress"]
+[upstreams.be]
+backends = ["127.0.0.1:{backend}"]
+""")
+        bench.start(pinned(0, [sys.executable, "-m", "proxy", "run", "-c", str(conf)]))
+        for p in (nginx_port, port):
+            wait_port(p)
+        time.sleep(0.5)
+        targets = [("nginx-gzip gzip", nginx_port, "gzip"), ("bascule gzip", port, "gzip"),
+                   ("bascule br", port, "br"), ("bascule zstd", port, "zstd"),
+                   ("bascule identity", port, "identity")]
+        for label, p, coding in targets:
+            out = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{size_download}",
+                                  "-H", f"Accept-Encoding: {coding}",
+                                  f"http://127.0.0.1:{p}/64k.json"],
+                                 capture_output=True, text=True, timeout=30).stdout
+            wire[label] = int(out or 0)
+        for _ in range(args.rounds):
+            for label, p, coding in targets:
+                rows.setdefault(label, []).append(wrk(
+                    f"http://127.0.0.1:{p}", "/64k.json", None, args.duration,
+                    args.connections, work, accept=coding))
+                print(f"compress {label:18} {rows[label][-1][0]:9.0f} req/s",
+                      file=sys.stderr)
+    finally:
+        bench.stop_all()
+    base = statistics.median(r[0] for r in rows["nginx-gzip gzip"])
+    print(f"\ncompression of a {len(body) // 1024} KiB JSON body, medians of "
+          f"{args.rounds} rounds, {args.connections} connections:\n")
+    print("| target | req/s | vs nginx gzip | bytes on the wire |")
+    print("|---|---:|---:|---:|")
+    for label, runs in rows.items():
+        rps = statistics.median(r[0] for r in runs)
+        print(f"| {label} | {rps:.0f} | {rps / base:.2f}x | {wire[label]} |")
 
 
 def tls_section(args: argparse.Namespace, static: Path) -> None:
