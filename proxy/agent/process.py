@@ -36,6 +36,8 @@ async def serve_agent(listening: socket.socket,
     loop = asyncio.get_running_loop()
     hub = Hub()
     counter = 0
+    writers: set[asyncio.StreamWriter] = set()
+    handlers: set[asyncio.Task[Any]] = set()
 
     async def serve_client(reader: asyncio.StreamReader,
                            writer: asyncio.StreamWriter) -> None:
@@ -52,6 +54,10 @@ async def serve_agent(listening: socket.socket,
                 writer.close()
 
         client = hub.attach(send, name)
+        writers.add(writer)
+        task = asyncio.current_task()
+        if task is not None:
+            handlers.add(task)
         try:
             while (message := await read_message(reader)) is not None:
                 hub.handle(client, message)
@@ -59,6 +65,7 @@ async def serve_agent(listening: socket.socket,
             log.warning("%s: %s; disconnecting it", name, exc)
         finally:
             hub.detach(client)
+            writers.discard(writer)
             writer.close()
 
     options: dict[str, Any] = {}
@@ -73,5 +80,11 @@ async def serve_agent(listening: socket.socket,
     log.info("discovery agent serving the workers")
     await stop.wait()
     server.close()
+    # Let each worker's handler end on its own (EOF), not be cancelled at the loop's
+    # end: Python 3.11's stream callback logs a cancelled handler as an error.
+    for writer in list(writers):
+        writer.transport.abort()
+    if handlers:
+        await asyncio.wait(handlers, timeout=2.0)
     await hub.close()
     log.info("discovery agent stopped")
