@@ -30,13 +30,12 @@ from __future__ import annotations
 import logging
 import ssl
 from typing import Any
-from urllib.parse import urlsplit
 
 from multidict import CIMultiDict
 
+from plugins.service import ServiceUrl
 from proxy.plugin import Handler, PluginContext, ProxyRequest, ProxyResponse, refuse_unknown_options
 from proxy.units import parse_duration
-from proxy.upstream.heads import ResponseLimits
 from proxy.upstream.pool import BackendPool
 from proxy.upstream.subrequest import SubrequestError, fetch
 
@@ -67,16 +66,10 @@ def _token(value: str) -> bytes:
 class ForwardAuth:
     def __init__(self, options: dict[str, Any]) -> None:
         refuse_unknown_options(options, _OPTIONS)
-        url = options.get("url")
-        parts = urlsplit(url) if isinstance(url, str) else None
-        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError('url: must be an http:// or https:// URL like '
-                             '"http://auth.internal:4181/verify"')
-        self.scheme = parts.scheme
-        self.host = parts.hostname
-        self.port = parts.port or (443 if parts.scheme == "https" else 80)
-        self.path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        self.authority = parts.netloc.rpartition("@")[2]
+        self.url = ServiceUrl.parse("url", options.get("url"),
+                                    "http://auth.internal:4181/verify")
+        self.scheme, self.host, self.port = self.url.scheme, self.url.host, self.url.port
+        self.path, self.authority = self.url.path, self.url.authority
         try:
             self.timeout = parse_duration(options.get("timeout", "2s"))
         except ValueError as exc:
@@ -99,10 +92,8 @@ class ForwardAuth:
         self.pool: BackendPool | None = None
 
     async def start(self, context: PluginContext) -> None:
-        self.pool = BackendPool(self.host, self.port, max_idle=self.pool_size,
-                                idle_timeout=15.0, connect_timeout=self.timeout,
-                                limits=ResponseLimits(), tls=self.tls,
-                                server_name=self.host)
+        self.pool = self.url.pool(max_idle=self.pool_size, connect_timeout=self.timeout,
+                                  tls=self.tls)
 
     async def aclose(self) -> None:
         if self.pool is not None:

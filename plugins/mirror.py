@@ -30,8 +30,8 @@ import asyncio
 import logging
 import ssl
 from typing import Any
-from urllib.parse import urlsplit
 
+from plugins.service import ServiceUrl
 from proxy.plugin import (
     Handler,
     PluginContext,
@@ -40,7 +40,6 @@ from proxy.plugin import (
     refuse_unknown_options,
 )
 from proxy.units import parse_duration, parse_size
-from proxy.upstream.heads import ResponseLimits
 from proxy.upstream.pool import BackendPool
 from proxy.upstream.subrequest import SubrequestError, fetch
 
@@ -57,15 +56,9 @@ _NOT_COPIED = {"connection", "keep-alive", "proxy-connection", "te", "trailer",
 class Mirror:
     def __init__(self, options: dict[str, Any]) -> None:
         refuse_unknown_options(options, _OPTIONS)
-        url = options.get("url")
-        parts = urlsplit(url) if isinstance(url, str) else None
-        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError('url: must be an http:// or https:// URL like '
-                             '"http://canary.internal:8080"')
-        self.host = parts.hostname
-        self.port = parts.port or (443 if parts.scheme == "https" else 80)
-        self.authority = parts.netloc.rpartition("@")[2]
-        self.tls = ssl.create_default_context() if parts.scheme == "https" else None
+        self.url = ServiceUrl.parse("url", options.get("url"), "http://canary.internal:8080")
+        self.host, self.port, self.authority = self.url.host, self.url.port, self.url.authority
+        self.tls = ssl.create_default_context() if self.url.scheme == "https" else None
         percent = options.get("percent", 100)
         if isinstance(percent, bool) or not isinstance(percent, (int, float)) or \
                 not 0 < percent <= 100:
@@ -99,10 +92,8 @@ class Mirror:
         metrics = context.metrics
         if metrics is not None and hasattr(metrics, "record_mirror"):
             self._record = metrics.record_mirror
-        self.pool = BackendPool(self.host, self.port, max_idle=self.max_inflight,
-                                idle_timeout=15.0, connect_timeout=self.timeout,
-                                limits=ResponseLimits(), tls=self.tls,
-                                server_name=self.host)
+        self.pool = self.url.pool(max_idle=self.max_inflight, connect_timeout=self.timeout,
+                                  tls=self.tls)
 
     async def aclose(self) -> None:
         for task in self._tasks:

@@ -24,7 +24,7 @@ def _setup_logging() -> None:
 
 
 def _require_c_parser() -> bool:
-    from proxy.server import c_parser_in_use
+    from proxy.edge_protocol import c_parser_in_use
 
     if not c_parser_in_use():
         print("bascule: refusing to start: aiohttp's C HTTP parser is not in use "

@@ -8,7 +8,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from proxy.server import Edge, _EdgeProtocol
+from proxy.edge_protocol import EdgeProtocol
+from proxy.server import Edge
 from tests.helpers import eventually, free_port, raw_request, start_proxy
 
 
@@ -71,7 +72,7 @@ backends = ["127.0.0.1:{port}"]
 
 def handling(edge: Edge) -> int:
     return sum(1 for p in edge.server._connections
-               if isinstance(p, _EdgeProtocol) and p._request_in_progress)
+               if isinstance(p, EdgeProtocol) and p._request_in_progress)
 
 
 async def trickle_clients(
