@@ -28,18 +28,17 @@ from proxy.errors import (
     NoBackendError,
     NoRouteError,
     PluginError,
-    UpstreamProtocolError,
-    UpstreamTimeout,
 )
 from proxy.exchange import Exchange, Outcome
 from proxy.headers import build_request_head, is_trusted
 from proxy.metrics import Metrics
 from proxy.pathnorm import normal_form
 from proxy.plugin import ProxyRequest, ProxyResponse, QuickAnswer, headers_version
+from proxy.relay import TUNNELLED, write_chain_response
 from proxy.response import (
     CompleteResponse,
-    ProxiedResponse,
     has_no_body,
+    https_redirect,
     plain_answer,
     whole_answer,
 )
@@ -52,25 +51,10 @@ __all__ = ["Forwarder", "error_response"]
 log = logging.getLogger("bascule.forward")
 
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
-_TUNNELLED: Final = "bascule.tunnelled"  # ProxyResponse.extra: a WebSocket already relayed
 _PLAIN: Final = {"Content-Type": "text/plain; charset=utf-8"}
 # Only these may be answered before the chain (RFC 9111 §4: an unsafe method must
 # reach the origin, and invalidates what is stored, §4.4).
 _SAFE_BODILESS: Final = frozenset({"GET", "HEAD"})
-
-
-def https_redirect(host_header: str, target: str, port: int) -> web.StreamResponse:
-    """`[server.tls] redirect_http`: 308 to the same URL over HTTPS (308 keeps the
-    method and body, RFC 9110 §15.4.9), on the first TLS listener's port."""
-    host = normalise_host(host_header)
-    if not host:
-        return error_response(400, "a Host is needed to redirect to HTTPS")
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"  # an IPv6 literal
-    authority = host if port == 443 else f"{host}:{port}"
-    return plain_answer(308, f"https://{authority}{target}",
-                        fields=b"Location: https://" + authority.encode("idna")
-                        + target.encode("latin-1", "replace") + b"\r\n")
 
 
 def error_response(status: int, message: str, *, close: bool = False) -> web.StreamResponse:
@@ -148,48 +132,7 @@ class Forwarder:
             return ProxyResponse(answer.status, CIMultiDict(_PLAIN), answer.whole_body,
                                  answer.reason)
         return ProxyResponse(101, CIMultiDict(), b"", "Switching Protocols",
-                             extra={_TUNNELLED: answer})
-
-    async def _write_proxy_response(self, request: web.BaseRequest, response: ProxyResponse,
-                                    outcome: Outcome) -> web.StreamResponse:
-        """Write what the plugin chain answered (the only place plugins' responses
-        reach aiohttp); framing is response.py's, as for every answer."""
-        tunnelled = response.extra.get(_TUNNELLED)
-        if isinstance(tunnelled, web.StreamResponse):
-            return tunnelled  # a WebSocket tunnel, written while it ran
-        headers = response.headers
-        ready = response.ready_block
-        if ready is not None and headers_version(headers) == ready[0]:
-            block = ready[1]  # no plugin changed the backend's fields
-        else:
-            block = b"".join(f"{k}: {v}\r\n".encode("latin-1", "replace")
-                             for k, v in headers.items())
-        body = response.body
-        reason = response.reason.encode("latin-1", "replace")
-        no_body = has_no_body(request.method, response.status)
-        if isinstance(body, bytes):
-            outcome.bytes_out = 0 if no_body else len(body)
-            return whole_answer(response.status, reason, block, b"" if no_body else body,
-                                "Date" in headers,
-                                length=response.length if no_body else len(body))
-        resp = ProxiedResponse(response.status, reason, block, response.length,
-                               "Date" in headers)
-        try:
-            await resp.prepare(request)
-            async for chunk in body:
-                await resp.write(chunk)
-            await resp.write_eof()
-            return resp
-        except (UpstreamProtocolError, UpstreamTimeout) as exc:
-            # Cut the client's response: a truncated body must never look complete.
-            log.warning("upstream %s died mid-response: %s", outcome.upstream, exc)
-            if request.transport is not None:
-                request.transport.abort()
-            return resp
-        except ConnectionError:
-            return resp
-        finally:
-            await response.aclose()
+                             extra={TUNNELLED: answer})
 
     @staticmethod
     def _write_quick(request: web.BaseRequest, answer: QuickAnswer,
@@ -325,7 +268,7 @@ class Forwarder:
                     upstream.name, engine=call))
             except BasculeError as exc:
                 return error_response(exc.status, exc.public_message)
-            return await self._write_proxy_response(request, response, outcome)
+            return await write_chain_response(request, response, outcome)
 
         server = runtime.server
         length_text = headers.get("Content-Length")
@@ -413,7 +356,7 @@ class Forwarder:
                                              else (b"" if not has_body else None))
                 call.headers_version = headers_version(proxy_request.headers)
                 handler = runtime.handlers[route.name]
-                return await self._write_proxy_response(request, await handler(proxy_request),
+                return await write_chain_response(request, await handler(proxy_request),
                                                         outcome)
             exchange = Exchange(request, route, upstream, runtime, request_line, head_rest,
                                  client_host, has_body, chunked, hash_key, self.metrics,

@@ -35,6 +35,7 @@ from proxy.metrics_local import (
     OTHER,
     BackendStats,
     FilteredRegistry,
+    LocalCounts,
     RouteStats,
     flush_histogram,
     status_class,
@@ -68,9 +69,8 @@ class Metrics:
         self._gauges_from: Callable[[], Iterable[tuple[str, str, int, bool]]] = lambda: ()
         self._live: Callable[[], dict[str, set[str]]] = dict
         self.open_connections = 0
-        self._tls: dict[tuple[str, str], int] = {}  # (kind, label) -> count
-        self._rate_limits: dict[tuple[str, str], int] = {}  # (route, result) -> count
-        self._mirrors: dict[tuple[str, str], int] = {}  # (route, result) -> count
+        self._tls_ok, self._tls_failed = LocalCounts(), LocalCounts()  # version / reason
+        self._rate_limits, self._mirrors = LocalCounts(), LocalCounts()  # route, result
 
         r = registry
         self.requests_total = Counter(
@@ -269,19 +269,17 @@ class Metrics:
             state[3] = 1
 
     def record_rate_limit(self, route: str, result: str) -> None:
-        key = (route, result)
-        self._rate_limits[key] = self._rate_limits.get(key, 0) + 1
+        self._rate_limits.add(route, result)
 
     def record_mirror(self, route: str, result: str) -> None:
-        key = (route, result)
-        self._mirrors[key] = self._mirrors.get(key, 0) + 1
+        self._mirrors.add(route, result)
 
     def record_tls(self, kind: str, label: str) -> None:
         """A handshake: ("ok", version) or ("failed", reason), both bounded."""
-        if kind == "ok" and label not in ("TLSv1.2", "TLSv1.3"):
-            label = OTHER
-        key = (kind, label)
-        self._tls[key] = self._tls.get(key, 0) + 1
+        if kind == "ok":
+            self._tls_ok.add(label if label in ("TLSv1.2", "TLSv1.3") else OTHER)
+        else:
+            self._tls_failed.add(label)
 
     def set_certificate_expiry(self, expiry: list[tuple[str, float]]) -> None:
         if not self.enabled:
@@ -343,16 +341,10 @@ class Metrics:
             if state[2]:
                 self.discovery_age.labels(upstream, source).set(now - state[2])
             self.discovery_stale.labels(upstream, source).set(state[3])
-        rate_limits, self._rate_limits = self._rate_limits, {}
-        for (route, result), count in rate_limits.items():
-            self.rate_limit_decisions.labels(route, result).inc(count)
-        mirrors, self._mirrors = self._mirrors, {}
-        for (route, result), count in mirrors.items():
-            self.mirror_requests.labels(route, result).inc(count)
-        tls, self._tls = self._tls, {}
-        for (kind, label), count in tls.items():
-            (self.tls_handshakes if kind == "ok" else self.tls_failures).labels(label).inc(
-                count)
+        self._rate_limits.flush(self.rate_limit_decisions)
+        self._mirrors.flush(self.mirror_requests)
+        self._tls_ok.flush(self.tls_handshakes)
+        self._tls_failed.flush(self.tls_failures)
         self._flush_gauges()
         self.open_connections_gauge.set(self.open_connections)
 

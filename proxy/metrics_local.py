@@ -13,7 +13,7 @@ from prometheus_client import Histogram
 from prometheus_client.metrics_core import Metric
 
 __all__ = ["DURATION_BUCKETS", "METHODS", "OTHER", "BackendStats", "FilteredRegistry",
-           "LocalHistogram", "RouteStats", "flush_histogram", "status_class"]
+           "LocalCounts", "LocalHistogram", "RouteStats", "flush_histogram", "status_class"]
 
 # 1 ms to 30 s: what a proxy's requests take, from cache hits to long uploads.
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -38,6 +38,24 @@ class LocalHistogram:
     def observe(self, value: float) -> None:
         self.counts[bisect.bisect_left(DURATION_BUCKETS, value)] += 1
         self.total += value
+
+
+class LocalCounts:
+    """Counts by a tuple of label values, moved into a labelled Counter at flush: what
+    a plugin or the TLS listener records per request costs one dict update."""
+
+    __slots__ = ("counts",)
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, ...], int] = {}
+
+    def add(self, *labels: str) -> None:
+        self.counts[labels] = self.counts.get(labels, 0) + 1
+
+    def flush(self, counter: Any) -> None:
+        counts, self.counts = self.counts, {}
+        for labels, count in counts.items():
+            counter.labels(*labels).inc(count)
 
 
 class RouteStats:

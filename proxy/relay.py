@@ -1,17 +1,19 @@
 """Relaying a backend's response: to the client (one write when it arrived whole,
 streamed or spliced otherwise), or to the plugin chain as a body that streams from
-the connection (`UpstreamBody`). A response cut by the backend is cut for the client
+the connection (`UpstreamBody`), and what the chain answered back to the client
+(`write_chain_response`). A response cut by the backend is cut for the client
 too: a truncated body never looks complete. And what a request's handling records for
 metrics and the access log (`Outcome`)."""
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from aiohttp import web
 
 from proxy.errors import UpstreamInvalidResponse, UpstreamProtocolError, UpstreamTimeout
+from proxy.plugin import ProxyResponse, headers_version
 from proxy.response import ProxiedResponse, has_no_body, whole_answer
 from proxy.routing import Route
 from proxy.upstream.heads import ResponseHead
@@ -19,7 +21,9 @@ from proxy.upstream.heads import ResponseHead
 if TYPE_CHECKING:
     from proxy.exchange import Exchange
 
-__all__ = ["Outcome", "UpstreamBody", "respond"]
+__all__ = ["TUNNELLED", "Outcome", "UpstreamBody", "respond", "write_chain_response"]
+
+TUNNELLED: Final = "bascule.tunnelled"  # ProxyResponse.extra: a WebSocket already relayed
 
 log = logging.getLogger("bascule.forward")
 
@@ -175,3 +179,44 @@ async def _splice_rest(self: Exchange, resp: ProxiedResponse, read_idle: float) 
     if length is not None:
         self.outcome.bytes_out = length
 
+
+async def write_chain_response(request: web.BaseRequest, response: ProxyResponse,
+                               outcome: Outcome) -> web.StreamResponse:
+    """Write what the plugin chain answered (the only place plugins' responses
+    reach aiohttp); framing is response.py's, as for every answer."""
+    tunnelled = response.extra.get(TUNNELLED)
+    if isinstance(tunnelled, web.StreamResponse):
+        return tunnelled  # a WebSocket tunnel, written while it ran
+    headers = response.headers
+    ready = response.ready_block
+    if ready is not None and headers_version(headers) == ready[0]:
+        block = ready[1]  # no plugin changed the backend's fields
+    else:
+        block = b"".join(f"{k}: {v}\r\n".encode("latin-1", "replace")
+                         for k, v in headers.items())
+    body = response.body
+    reason = response.reason.encode("latin-1", "replace")
+    no_body = has_no_body(request.method, response.status)
+    if isinstance(body, bytes):
+        outcome.bytes_out = 0 if no_body else len(body)
+        return whole_answer(response.status, reason, block, b"" if no_body else body,
+                            "Date" in headers,
+                            length=response.length if no_body else len(body))
+    resp = ProxiedResponse(response.status, reason, block, response.length,
+                           "Date" in headers)
+    try:
+        await resp.prepare(request)
+        async for chunk in body:
+            await resp.write(chunk)
+        await resp.write_eof()
+        return resp
+    except (UpstreamProtocolError, UpstreamTimeout) as exc:
+        # Cut the client's response: a truncated body must never look complete.
+        log.warning("upstream %s died mid-response: %s", outcome.upstream, exc)
+        if request.transport is not None:
+            request.transport.abort()
+        return resp
+    except ConnectionError:
+        return resp
+    finally:
+        await response.aclose()

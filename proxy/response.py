@@ -33,8 +33,10 @@ from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import HttpVersion, HttpVersion10, HttpVersion11
 from aiohttp.web_request import BaseRequest
 
+from proxy.routing import normalise_host
+
 __all__ = ["COMPLETE_WRITE_MAX", "CompleteResponse", "Framing", "ProxiedResponse", "frame",
-           "has_no_body", "plain_answer", "whole_answer"]
+           "has_no_body", "https_redirect", "plain_answer", "whole_answer"]
 
 _NO_BODY_STATUS = frozenset({204, 304})
 # Whole answers up to this size go out in one transport write (CompleteResponse).
@@ -231,3 +233,17 @@ class _BytesResponse(ProxiedResponse):
         if not has_no_body(request.method, self.status):
             await self.write(self._whole_body)
         return writer
+
+
+def https_redirect(host_header: str, target: str, port: int) -> CompleteResponse:
+    """`[server.tls] redirect_http`: 308 to the same URL over HTTPS (308 keeps the
+    method and body, RFC 9110 §15.4.9), on the first TLS listener's port."""
+    host = normalise_host(host_header)
+    if not host:
+        return plain_answer(400, "a Host is needed to redirect to HTTPS")
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # an IPv6 literal
+    authority = host if port == 443 else f"{host}:{port}"
+    return plain_answer(308, f"https://{authority}{target}",
+                        fields=b"Location: https://" + authority.encode("idna")
+                        + target.encode("latin-1", "replace") + b"\r\n")
