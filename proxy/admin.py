@@ -1,5 +1,5 @@
 """The admin listener's endpoints (never on a public listener): GET /healthz,
-/metrics, /status; POST /reload and /cache/purge.
+/metrics, /status; POST /reload, /cache/purge, /backends/drain and /backends/enable.
 
 Off loopback, the mutating endpoints need the bearer token of `admin.token_file`
 (refused without one), and so do /status and /metrics when a token is set and
@@ -22,6 +22,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy import __version__
+from proxy.agent.link import Link
 from proxy.config import AdminConfig, parse_hostport
 from proxy.metrics import Metrics
 from proxy.purge import PurgeBroadcast, PurgeSpec, apply_purge
@@ -44,6 +45,7 @@ class AdminHost(Protocol):
     purges: PurgeBroadcast
     supervised: bool
     draining: bool
+    link: Link  # to the agent, which keeps the operator's drains for every worker
     worker_id: int
     started_at: float
 
@@ -110,6 +112,8 @@ class AdminApi:
         path = request.path
         if path == "/cache/purge":
             return await self._purge(request)
+        if path in ("/backends/drain", "/backends/enable"):
+            return self._drain(request, drained=path == "/backends/drain")
         if path == "/reload":
             refusal = self._refuse_mutation(request)
             if refusal is not None:
@@ -149,6 +153,29 @@ class AdminApi:
             })
             return web.json_response(document)
         return web.Response(status=404, text="not found\n")
+
+    def _drain(self, request: web.BaseRequest, *, drained: bool) -> web.Response:
+        """Drain (no new requests; in-flight ones finish) or re-enable one backend in
+        every worker. Kept across reloads, forgotten at a restart: see
+        proxy/agent/drains.py."""
+        refusal = self._refuse_mutation(request)
+        if refusal is not None:
+            return refusal
+        upstream_name = request.query.get("upstream", "")
+        backend_id = request.query.get("backend", "")
+        upstream = self.host.runtime.upstreams.get(upstream_name)
+        if upstream is None:
+            return web.json_response({"error": f"no upstream {upstream_name!r}"}, status=404)
+        if not any(b.id == backend_id for b in upstream.balancer.backends):
+            return web.json_response(
+                {"error": f"upstream {upstream_name!r} has no backend {backend_id!r}"},
+                status=404)
+        self.host.link.drain(upstream_name, backend_id, drained)
+        log.warning("admin: backend %s of upstream %s %s", backend_id, upstream_name,
+                    "drained" if drained else "re-enabled")
+        return web.json_response({
+            "upstream": upstream_name, "backend": backend_id, "drained": drained,
+            "lasts": "across reloads, until Bascule restarts"})
 
     async def _purge(self, request: web.BaseRequest) -> web.Response:
         refusal = self._refuse_mutation(request)

@@ -46,16 +46,18 @@ class Balancer:
 
     def _panic_pick(self, ctx: RequestContext) -> Backend:
         """Panic mode: round robin over every backend, healthy or not (excluding the
-        ones this request already tried when others remain)."""
+        ones this request already tried when others remain), but never a drained one:
+        an operator's drain is not a health verdict to second-guess."""
         backends = self.backends
         if not backends:
             return self.strategy.pick(ctx)
         for _ in range(len(backends)):
             self._panic_next = (self._panic_next + 1) % len(backends)
             backend = backends[self._panic_next]
-            if backend.id not in ctx.exclude:
+            if backend.id not in ctx.exclude and not backend.drained:
                 return backend
-        return backends[self._panic_next]
+        backend = backends[self._panic_next]
+        return backend if not backend.drained else self.strategy.pick(ctx)
 
     def __repr__(self) -> str:
         inner: Sequence[Backend] = self.backends

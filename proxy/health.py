@@ -16,6 +16,9 @@ considers healthy.
   (proxy/agent/outliers.py). Ejections end here, on time, even without the agent.
 - Panic (`panic_threshold`): below that share of healthy backends, the balancer
   spreads over all of them instead.
+- Drain (admin API, `POST /backends/drain`): an operator takes a backend out of
+  rotation for every worker (the agent keeps the set; proxy/agent/drains.py); in-flight
+  requests finish; it comes back with `POST /backends/enable`.
 - Slow start (`slow_start`): a new or recovered backend's weight ramps up linearly
   (for strategies where weight is a share of traffic picked per request).
 
@@ -75,6 +78,12 @@ class HealthLink(Protocol):
                              listener: Callable[[Message], None]) -> None: ...
 
     def report_outlier(self, okey: str, backend_id: str, backends: int) -> None: ...
+
+    drained: frozenset[tuple[str, str]]  # (upstream, backend id) drained by an operator
+
+    def on_drains(self, listener: Callable[[Message], None]) -> None: ...
+
+    def off_drains(self, listener: Callable[[Message], None]) -> None: ...
 
 
 class HealthMonitor:
@@ -151,8 +160,21 @@ class HealthMonitor:
         state.active_ok = bool(up)
         self._apply(backend, state, str(reason))
 
+    def _on_drains(self, message: Message | None = None) -> None:
+        """The operator's drains changed (or the backends did): apply them here."""
+        if self._link is None:
+            return
+        drained = self._link.drained
+        for backend in self.balancer.backends:
+            want = (self.name, backend.id) in drained
+            if want != backend.drained:
+                backend.drained = want
+                self._apply(backend, self._state(backend),
+                            "drained by an operator" if want else "drain ended")
+
     def backends_changed(self) -> None:
         """Discovery changed the backends: the agent checks the new set."""
+        self._on_drains()
         if self._link is None or self.check_spec is None:
             return
         targets = [[b.id, b.host, b.port, self._state(b).active_ok, b.tls]
@@ -168,7 +190,8 @@ class HealthMonitor:
         return state
 
     def _apply(self, backend: Backend, state: BackendHealth, reason: str) -> None:
-        healthy = state.active_ok and state.ejected_until <= time.monotonic()
+        healthy = (state.active_ok and state.ejected_until <= time.monotonic()
+                   and not backend.drained)
         if healthy == backend.healthy:
             return
         backend.healthy = healthy
@@ -177,13 +200,14 @@ class HealthMonitor:
             state.admitted_at = time.monotonic()
             if self.config.slow_start:
                 backend.ramp = 0.05
-        log.warning("upstream %s backend %s is %s: %s", self.name, backend.id,
-                    "up" if healthy else "down", reason)
-        self.on_change(self.name, backend.id, "up" if healthy else "down", reason)
+        word = "up" if healthy else "drained" if backend.drained else "down"
+        log.warning("upstream %s backend %s is %s: %s", self.name, backend.id, word, reason)
+        self.on_change(self.name, backend.id, word, reason)
         self._update_panic()
 
     def _update_panic(self) -> None:
-        backends = self.balancer.backends
+        # Drained backends are out by choice: they count on neither side.
+        backends = [b for b in self.balancer.backends if not b.drained]
         if not backends:
             self.balancer.panic = False
             return
@@ -201,6 +225,7 @@ class HealthMonitor:
 
     def start(self, loop: asyncio.AbstractEventLoop, link: HealthLink) -> None:
         self._link = link
+        link.on_drains(self._on_drains)
         if self.outlier_on:
             link.subscribe_outliers(self.outlier_key, self.outlier_spec, self._on_eject)
         self.backends_changed()
@@ -209,6 +234,7 @@ class HealthMonitor:
     async def stop(self) -> None:
         link, self._link = self._link, None
         if link is not None:
+            link.off_drains(self._on_drains)
             if self.outlier_on:
                 link.unsubscribe_outliers(self.outlier_key, self._on_eject)
             if self.check_spec is not None:

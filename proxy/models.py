@@ -12,7 +12,8 @@ class Backend:
     counters are mutable runtime state kept by the balancer's lease, so they survive
     discovery updates that keep the backend's identity."""
 
-    __slots__ = ("healthy", "host", "id", "inflight", "port", "ramp", "tls", "weight")
+    __slots__ = ("drained", "healthy", "host", "id", "inflight", "port", "ramp", "tls",
+                 "weight")
 
     def __init__(self, id: str, host: str, port: int, weight: int = 1,
                  tls: bool = False) -> None:
@@ -25,6 +26,9 @@ class Backend:
         self.healthy = True
         # Slow start: share of its weight a (re)admitted backend gets while it warms up
         self.ramp = 1.0
+        # Drained by an operator (admin API): no new requests, in-flight ones finish.
+        # Also not healthy while drained, so strategies need no second test.
+        self.drained = False
 
     @property
     def identity(self) -> tuple[str, str, int, int, bool]:
@@ -37,7 +41,7 @@ class Backend:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
     def __repr__(self) -> str:
-        state = "up" if self.healthy else "down"
+        state = "drained" if self.drained else "up" if self.healthy else "down"
         return (f"Backend({self.id!r}, {self.address}, weight={self.weight}, "
                 f"inflight={self.inflight}, {state})")
 

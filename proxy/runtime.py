@@ -197,7 +197,8 @@ class Runtime:
                         {"id": b.id, "address": b.address, "weight": b.weight,
                          "healthy": b.healthy, "inflight": b.inflight,
                          "source": "consul" if up.config.consul else "static",
-                         "ramp": round(b.ramp, 3), "health": up.health.describe(b)}
+                         "drained": b.drained, "ramp": round(b.ramp, 3),
+                         "health": up.health.describe(b)}
                         for b in up.balancer.backends
                     ],
                 }

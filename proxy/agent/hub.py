@@ -22,6 +22,7 @@ from typing import Any
 
 import aiohttp
 
+from proxy.agent.drains import DrainBook
 from proxy.agent.outliers import OutlierGroup
 from proxy.agent.prober import ProbeTarget
 from proxy.agent.wire import Message, spec_key
@@ -111,6 +112,7 @@ class Hub:
         self._reconcile_soon: asyncio.Handle | None = None
         self._closing: set[asyncio.Task[None]] = set()
         self._fresh_at: dict[str, float] = {}
+        self.drains = DrainBook()
 
     # -- clients ----------------------------------------------------------------------
 
@@ -146,6 +148,11 @@ class Hub:
                 self._unsubscribe_outliers(client, str(message[1]))
             elif op == "outlier":
                 self._report_outlier(str(message[1]), str(message[2]), int(message[3]))
+            elif op in ("drain", "drains"):
+                changed = (self.drains.set(str(message[1]), str(message[2]), bool(message[3]))
+                           if op == "drain" else self.drains.merge(message[1]))
+                for other in (self.clients if changed else (client,)):
+                    other.send(self.drains.message())
             else:
                 raise ValueError(f"unknown message {op!r}")
         except (IndexError, TypeError, KeyError) as exc:

@@ -36,6 +36,10 @@ class Link:
         self._outlier_specs: dict[str, Any] = {}
         self._outlier_listeners: dict[str, list[Listener]] = {}
         self._fresh: list[Listener] = []
+        # The operator's drains as the agent last sent them; sent back to the agent
+        # on every connect, so an agent restart does not forget them.
+        self.drained: frozenset[tuple[str, str]] = frozenset()
+        self._drain_listeners: list[Listener] = []
 
     def _send(self, message: Message) -> None:
         raise NotImplementedError
@@ -113,6 +117,17 @@ class Link:
     def report_outlier(self, okey: str, backend_id: str, backends: int) -> None:
         self._send(["outlier", okey, backend_id, backends])
 
+    def on_drains(self, listener: Listener) -> None:
+        self._drain_listeners.append(listener)
+
+    def off_drains(self, listener: Listener) -> None:
+        if listener in self._drain_listeners:
+            self._drain_listeners.remove(listener)
+
+    def drain(self, upstream: str, backend_id: str, drained: bool) -> None:
+        """Drain (or re-enable) a backend in every worker, through the agent."""
+        self._send(["drain", upstream, backend_id, drained])
+
     def subscriptions(self) -> list[Message]:
         """Everything subscribed, as messages: sent again after a reconnect."""
         messages: list[Message] = []
@@ -122,6 +137,7 @@ class Link:
             messages.append(["health", sub, check, targets])
         for okey, spec in self._outlier_specs.items():
             messages.append(["outliers", okey, spec])
+        messages.append(["drains", sorted([u, b] for u, b in self.drained)])
         return messages
 
     # -- delivery -----------------------------------------------------------------------
@@ -140,6 +156,10 @@ class Link:
                 entry[2](message)
         elif op == "eject":
             for listener in list(self._outlier_listeners.get(message[1], ())):
+                listener(message)
+        elif op == "drained":
+            self.drained = frozenset((str(u), str(b)) for u, b in message[1])
+            for listener in list(self._drain_listeners):
                 listener(message)
         elif op == "fresh":
             for listener in list(self._fresh):

@@ -164,3 +164,23 @@ async def test_an_ejection_reported_by_one_worker_reaches_every_worker() -> None
 
 async def _true(value: bool) -> bool:
     return value
+
+
+def test_a_drain_reaches_every_worker_and_a_restarted_agent_learns_it_back() -> None:
+    hub = Hub()
+    one: list[Any] = []
+    two: list[Any] = []
+    first, second = hub.attach(one.append, "one"), hub.attach(two.append, "two")
+    hub.handle(first, ["drain", "app", "b1", True])
+    assert one[-1] == two[-1] == ["drained", [["app", "b1"]]]
+    hub.handle(second, ["drain", "app", "b1", True])  # no change: only the sender hears
+    assert len(one) == 1 and two[-1] == ["drained", [["app", "b1"]]]
+    # an agent restarted empty: a reconnecting worker sends what it knew (union kept)
+    fresh = Hub()
+    heard: list[Any] = []
+    worker = fresh.attach(heard.append, "worker")
+    fresh.handle(worker, ["drains", [["app", "b1"]]])
+    fresh.handle(worker, ["drains", []])  # a worker that knew nothing removes nothing
+    assert heard[-1] == ["drained", [["app", "b1"]]]
+    fresh.handle(worker, ["drain", "app", "b1", False])
+    assert heard[-1] == ["drained", []]
