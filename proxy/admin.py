@@ -24,6 +24,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from proxy import __version__
 from proxy.agent.link import Link
 from proxy.config import AdminConfig, parse_hostport
+from proxy.dashboard.assets import SECURITY_HEADERS, asset_response
+from proxy.dashboard.state import dashboard_state
 from proxy.metrics import Metrics
 from proxy.purge import PurgeBroadcast, PurgeSpec, apply_purge
 from proxy.reload import Reloader
@@ -108,8 +110,37 @@ class AdminApi:
         return web.Response(status=401, text="bearer token required\n",
                             headers={"WWW-Authenticate": "Bearer"})
 
+    def _refuse_cross_site(self, request: web.BaseRequest) -> web.Response | None:
+        """What a browser can be made to send: refused when another site asks
+        (Fetch Metadata's Sec-Fetch-Site, or an Origin other than this one; OWASP's
+        CSRF cheat sheet), and, on a loopback listener, when the Host is not a
+        loopback name (a DNS-rebinding page would otherwise be same-origin)."""
+        host = request.headers.get("Host", "")
+        if self.admin_is_loopback and host:
+            name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+            if not _is_loopback(name.strip("[]")):
+                return web.Response(status=403, text="this admin listener answers "
+                                    "loopback host names only\n")
+        site = request.headers.get("Sec-Fetch-Site")
+        if site is not None and site not in ("same-origin", "none"):
+            return web.Response(status=403, text="cross-site request refused\n")
+        origin = request.headers.get("Origin")
+        if origin is not None and origin != f"{request.scheme}://{host}":
+            return web.Response(status=403, text="cross-origin request refused\n")
+        return None
+
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         path = request.path
+        if path == "/healthz":
+            if request.method not in ("GET", "HEAD"):
+                return web.Response(status=405, text="method not allowed\n",
+                                    headers={"Allow": "GET, HEAD"})
+            if self.host.draining:
+                return web.Response(status=503, text="draining\n")
+            return web.Response(text="ok\n")
+        refusal = self._refuse_cross_site(request)
+        if refusal is not None:
+            return refusal
         if path == "/cache/purge":
             return await self._purge(request)
         if path in ("/backends/drain", "/backends/enable"):
@@ -127,11 +158,10 @@ class AdminApi:
         if request.method not in ("GET", "HEAD"):
             return web.Response(status=405, text="method not allowed\n",
                                 headers={"Allow": "GET, HEAD"})
-        if path == "/healthz":
-            if self.host.draining:
-                return web.Response(status=503, text="draining\n")
-            return web.Response(text="ok\n")
-        if path in ("/metrics", "/status"):
+        asset = asset_response(request)
+        if asset is not None:  # the dashboard's page: no data in it, the token not needed
+            return asset
+        if path in ("/metrics", "/status", "/dashboard/state"):
             refusal = self._may_read(request)
             if refusal is not None:
                 return refusal
@@ -152,6 +182,9 @@ class AdminApi:
                 "tls": self.host.tls_status(),
             })
             return web.json_response(document)
+        if path == "/dashboard/state":
+            return web.json_response(await dashboard_state(self.host),
+                                     headers=SECURITY_HEADERS)
         return web.Response(status=404, text="not found\n")
 
     def _drain(self, request: web.BaseRequest, *, drained: bool) -> web.Response:

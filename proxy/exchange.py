@@ -208,6 +208,8 @@ class Exchange:
                     else:
                         # passive outlier detection: 5xx counts as a failure
                         upstream.health.record(backend, failed=head.status >= 500)
+                        if head.status >= 500 and self.metrics.enabled:
+                            self.metrics.backend(upstream.name, backend.id).server_errors += 1
                         if (head.status not in upstream.retry_statuses
                                 or not self._may_retry(attempt, "status", retrying)):
                             return head

@@ -41,7 +41,8 @@ from proxy.metrics_local import (
     status_class,
 )
 
-__all__ = ["DURATION_BUCKETS", "METHODS", "Metrics", "status_class"]
+__all__ = ["DURATION_BUCKETS", "METHODS", "Metrics", "multiprocess_families",
+           "status_class"]
 
 class Metrics:
     def __init__(self, *, multiprocess: bool, max_backend_series: int = 1000,
@@ -89,6 +90,9 @@ class Metrics:
             "bascule_upstream_request_duration_seconds", "Time a backend took for an "
             "exchange, connect to end of response.", ["upstream", "backend"],
             buckets=DURATION_BUCKETS, registry=r)
+        self.server_errors = Counter(
+            "bascule_backend_server_errors_total", "Responses with a 5xx status from the "
+            "backend.", ["upstream", "backend"], registry=r)
         self.connect_errors = Counter(
             "bascule_backend_connect_errors_total", "Failed connects to a backend.",
             ["upstream", "backend"], registry=r)
@@ -312,6 +316,8 @@ class Metrics:
             if any(bstats.latency.counts):
                 flush_histogram(self.upstream_duration.labels(upstream, backend_id),
                                  bstats.latency)
+            if bstats.server_errors:
+                self.server_errors.labels(upstream, backend_id).inc(bstats.server_errors)
             if bstats.connect_errors:
                 self.connect_errors.labels(upstream, backend_id).inc(bstats.connect_errors)
             if bstats.timeouts:
@@ -370,13 +376,21 @@ class Metrics:
         live_ids = {b for _, b in seen}
         self._backend_ids &= live_ids | {OTHER}
         for metric in (self.backend_inflight, self.backend_up, self.upstream_duration,
-                       self.connect_errors, self.timeouts, self.invalid_responses,
-                       self.state_changes):
+                       self.server_errors, self.connect_errors, self.timeouts,
+                       self.invalid_responses, self.state_changes):
             for labels in list(metric._metrics):
                 if labels[:2] not in seen and labels[1] != OTHER:
                     metric.remove(*labels)
 
     # -- exposition -----------------------------------------------------------------
+
+    def families(self) -> Iterable[Any]:
+        """Every metric family as last flushed (all workers' in multiprocess mode);
+        may run in a thread."""
+        if self.multiprocess:
+            return multiprocess_families()
+        assert self.registry is not None
+        return self.registry.collect()
 
     def exposition(self) -> bytes:
         """The text exposition. Call flush() first, on the event loop; this part only
@@ -387,6 +401,13 @@ class Metrics:
         else:
             source = self.registry
         return generate_latest(FilteredRegistry(source, self._live))
+
+
+def multiprocess_families() -> Iterable[Any]:
+    """Every worker's metrics summed, read from the multiprocess files (file I/O)."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    return registry.collect()
 
 
 def multiprocess_dir_is_set() -> bool:

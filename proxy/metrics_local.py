@@ -69,10 +69,12 @@ class RouteStats:
 
 
 class BackendStats:
-    __slots__ = ("connect_errors", "invalid_responses", "latency", "timeouts")
+    __slots__ = ("connect_errors", "invalid_responses", "latency", "server_errors",
+                 "timeouts")
 
     def __init__(self) -> None:
         self.latency = LocalHistogram()
+        self.server_errors = 0
         self.connect_errors = 0
         self.timeouts = 0
         self.invalid_responses = 0

@@ -187,6 +187,14 @@ class Purgeable(Protocol):
     def purge_is_local(self) -> bool: ...
 
 
+@runtime_checkable
+class Reports(Protocol):
+    """A plugin with state worth showing an operator (the dashboard, /status):
+    JSON-able and cheap to make; e.g. a store's kind and whether its breaker is open."""
+
+    def status(self) -> dict[str, Any]: ...
+
+
 @dataclass(frozen=True)
 class PluginSeams:
     """A runtime's built plugins by what each declared, found once when the runtime
@@ -196,6 +204,7 @@ class PluginSeams:
     closing: dict[str, ClosesWithRuntime] = field(default_factory=dict)
     adopting: dict[str, CarriesOverReload] = field(default_factory=dict)
     purgeable: dict[str, Purgeable] = field(default_factory=dict)
+    reporting: dict[str, Reports] = field(default_factory=dict)
 
     @classmethod
     def of(cls, plugins: dict[str, Any]) -> PluginSeams:
@@ -204,6 +213,7 @@ class PluginSeams:
             closing={n: p for n, p in plugins.items() if isinstance(p, ClosesWithRuntime)},
             adopting={n: p for n, p in plugins.items() if isinstance(p, CarriesOverReload)},
             purgeable={n: p for n, p in plugins.items() if isinstance(p, Purgeable)},
+            reporting={n: p for n, p in plugins.items() if isinstance(p, Reports)},
         )
 
     @property

@@ -22,6 +22,7 @@ import asyncio
 import logging
 import os
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -115,6 +116,7 @@ class Reloader:
     def __init__(self, edge: ReloadHost) -> None:
         self.edge = edge
         self.last: ReloadResult | None = None
+        self.history: deque[ReloadResult] = deque(maxlen=10)  # newest last (dashboard)
         self._lock = asyncio.Lock()
         self._retiring: set[asyncio.Task[None]] = set()
 
@@ -122,6 +124,7 @@ class Reloader:
         async with self._lock:  # one reload at a time; a second waits its turn
             result = await self._reload()
         self.last = result
+        self.history.append(result)
         self.edge.metrics.record_reload(result.ok)
         return result
 

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from proxy.accesslog import AccessLog
 from proxy.admin import AdminApi
+from proxy.agent.hub import Hub
 from proxy.agent.link import AGENT_SOCKET_ENV, Link, LocalLink, SocketLink
 from proxy.config import parse_hostport
 from proxy.edge_protocol import BasculeServer, parser_limits
@@ -94,10 +95,9 @@ class Edge:
         self._tasks: list[asyncio.Task[None]] = []
         # The hub of discovery, health checks and ejections: the agent process's
         # when supervised (its socket in the environment), else one in this process.
-        self.link: Link = LocalLink()
         agent_path = os.environ.get(AGENT_SOCKET_ENV) if supervised else None
-        if agent_path:
-            self.link = SocketLink(agent_path)
+        self.link: Link = SocketLink(agent_path) if agent_path else LocalLink(
+            Hub(self.metrics.families if self.metrics.enabled else None))
 
     async def start(self, *, admin: bool = True,
                     sockets: dict[str, socket.socket] | None = None) -> None:

@@ -7,7 +7,8 @@ set -euo pipefail
 case "${1:-}" in
   test)  need=(promtool:prometheus prometheus:prometheus   # the metrics tests
                redis-server:redis-server redis-cli:redis-tools   # the cache tests
-               curl:curl openssl:openssl) ;;   # the TLS tests check with real clients
+               curl:curl openssl:openssl   # the TLS tests check with real clients
+               chromium:chromium chromedriver:chromium-driver) ;;   # the dashboard test
   bench) need=(wrk:wrk nginx:nginx haproxy:haproxy) ;;
   *) echo "usage: $0 test|bench" >&2; exit 2 ;;
 esac

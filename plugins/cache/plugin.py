@@ -117,6 +117,15 @@ class Cache:
         for route, count in hits.items():
             self._lookups(route, "hit", count)
 
+    def status(self) -> dict[str, Any]:
+        """For the dashboard: the store and, for Redis, whether its breaker is open
+        (lookups then go to the backend; proxy/plugin.py Reports)."""
+        remote = getattr(self.store, "remote", self.store)
+        breaker = getattr(remote, "breaker", None)
+        return {"store": self.store_kind,
+                "store_state": "n/a" if breaker is None
+                else "open (store unreachable)" if breaker.is_open else "closed"}
+
     def purge_is_local(self) -> bool:
         """A memory store lives in each worker: a purge must reach every worker."""
         return bool(self.store_kind == "memory")

@@ -105,6 +105,13 @@ class RateLimit:
         self.policy_field = f'"{self.name}";q={limit};w={max(1, round(period))}'
         self._quoted = f'"{self.name}"'
 
+    def status(self) -> dict[str, Any]:
+        """For the dashboard: the store and, for Redis, whether its breaker is open."""
+        redis = getattr(self, "redis", None)
+        return {"store": self.store_kind,
+                "store_state": "n/a" if redis is None
+                else "open (store unreachable)" if redis.breaker.is_open else "closed"}
+
     async def start(self, context: PluginContext) -> None:
         metrics = context.metrics
         if metrics is not None and hasattr(metrics, "record_rate_limit"):

@@ -25,6 +25,7 @@ import aiohttp
 from proxy.agent.drains import DrainBook
 from proxy.agent.outliers import OutlierGroup
 from proxy.agent.prober import ProbeTarget
+from proxy.agent.traffic import Collect, TrafficSampler
 from proxy.agent.wire import Message, spec_key
 from proxy.config import HealthConfig, OutlierConfig, UpstreamTlsConfig
 from proxy.discovery.consul import ServiceQuery
@@ -77,13 +78,14 @@ class WatchEntry:
     subscribers: set[HubClient] = field(default_factory=set)
     backends: tuple[Backend, ...] = ()
     version: int = 0
+    index: int = 0  # Consul's X-Consul-Index of the answer that made this set
     answered: bool = False
     error: str = ""
 
     def message(self) -> Message:
         return ["backends", self.key, self.version,
                 [[b.id, b.host, b.port, b.weight, b.tls] for b in self.backends],
-                self.error or None]
+                self.error or None, self.index]
 
 
 class _SourceListener:
@@ -92,14 +94,14 @@ class _SourceListener:
         self.source = source
 
     def answered(self, query: ServiceQuery, entries: Any, index: int) -> None:
-        self.hub.answered(self.source, query, entries)
+        self.hub.answered(self.source, query, entries, index)
 
     def failed(self, query: ServiceQuery, message: str) -> None:
         self.hub.failed(self.source, query, message)
 
 
 class Hub:
-    def __init__(self) -> None:
+    def __init__(self, traffic_source: Collect | None = None) -> None:
         self.clients: set[HubClient] = set()
         self.sources: dict[str, ConsulSource] = {}
         self.watches: dict[str, WatchEntry] = {}
@@ -113,6 +115,8 @@ class Hub:
         self._closing: set[asyncio.Task[None]] = set()
         self._fresh_at: dict[str, float] = {}
         self.drains = DrainBook()
+        # the dashboard's last minute (proxy/agent/traffic.py), sampled while asked for
+        self.traffic = TrafficSampler(traffic_source) if traffic_source else None
 
     # -- clients ----------------------------------------------------------------------
 
@@ -148,6 +152,8 @@ class Hub:
                 self._unsubscribe_outliers(client, str(message[1]))
             elif op == "outlier":
                 self._report_outlier(str(message[1]), str(message[2]), int(message[3]))
+            elif op == "traffic":
+                client.send(["traffic", self.traffic.ask() if self.traffic else None])
             elif op in ("drain", "drains"):
                 changed = (self.drains.set(str(message[1]), str(message[2]), bool(message[3]))
                            if op == "drain" else self.drains.merge(message[1]))
@@ -211,7 +217,7 @@ class Hub:
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
 
-    def answered(self, source: str, query: ServiceQuery, entries: Any) -> None:
+    def answered(self, source: str, query: ServiceQuery, entries: Any, index: int = 0) -> None:
         self._fresh(source)
         for entry in list(self.watches.values()):
             if entry.source != source or entry.query != query:
@@ -228,6 +234,7 @@ class Hub:
                 continue
             if not entry.answered or not same_backends(backends, entry.backends):
                 entry.version += 1
+                entry.index = index
                 entry.backends = backends
                 (log.warning if not backends else log.info)(
                     "consul service %r: %d instance(s)", query.service, len(backends))
@@ -373,6 +380,8 @@ class Hub:
     async def close(self) -> None:
         if self._reconcile_soon is not None:
             self._reconcile_soon.cancel()
+        if self.traffic is not None:
+            await self.traffic.close()
         for target in self.targets.values():
             target.stop()
         tasks = [t.task for t in self.targets.values() if t.task is not None]

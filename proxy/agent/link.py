@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -40,6 +41,8 @@ class Link:
         # on every connect, so an agent restart does not forget them.
         self.drained: frozenset[tuple[str, str]] = frozenset()
         self._drain_listeners: list[Listener] = []
+        # asks for the dashboard's traffic, answered in order by the agent
+        self._traffic_asks: deque[asyncio.Future[Any]] = deque()
 
     def _send(self, message: Message) -> None:
         raise NotImplementedError
@@ -128,6 +131,24 @@ class Link:
         """Drain (or re-enable) a backend in every worker, through the agent."""
         self._send(["drain", upstream, backend_id, drained])
 
+    async def traffic(self, timeout: float = 1.0) -> dict[str, Any] | None:
+        """The agent's last minute of traffic (proxy/agent/traffic.py), or None when
+        it cannot say (metrics off, agent away or slow)."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._traffic_asks.append(future)
+        self._send(["traffic"])
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            return None
+
+    def _forget_asks(self) -> None:
+        """The connection is gone: its answers will not come."""
+        while self._traffic_asks:
+            future = self._traffic_asks.popleft()
+            if not future.done():
+                future.set_result(None)
+
     def subscriptions(self) -> list[Message]:
         """Everything subscribed, as messages: sent again after a reconnect."""
         messages: list[Message] = []
@@ -157,6 +178,11 @@ class Link:
         elif op == "eject":
             for listener in list(self._outlier_listeners.get(message[1], ())):
                 listener(message)
+        elif op == "traffic":
+            if self._traffic_asks:
+                future = self._traffic_asks.popleft()
+                if not future.done():
+                    future.set_result(message[1])
         elif op == "drained":
             self.drained = frozenset((str(u), str(b)) for u, b in message[1])
             for listener in list(self._drain_listeners):
@@ -209,6 +235,8 @@ class SocketLink(Link):
         # outlier report is lost (the next failure streak reports again).
         if self._writer is not None and not self._writer.is_closing():
             self._writer.write(encode(message))
+        elif message[0] == "traffic":
+            self._forget_asks()
 
     async def _run(self) -> None:
         delay = 0.05
@@ -240,6 +268,7 @@ class SocketLink(Link):
             finally:
                 self.connected.clear()
                 self._writer = None
+                self._forget_asks()
                 writer.close()
             log.warning("lost the discovery agent; serving the last known state "
                         "until it is back")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 import sys
@@ -21,6 +22,7 @@ from typing import Any
 
 from proxy.agent.hub import Hub
 from proxy.agent.wire import Message, encode, read_message
+from proxy.metrics import multiprocess_families
 
 __all__ = ["MAX_BUFFERED", "serve_agent"]
 
@@ -34,7 +36,8 @@ async def serve_agent(listening: socket.socket,
     """Serve until SIGTERM/SIGINT. `stop_requested` holds signals that arrived
     before the loop's handlers existed."""
     loop = asyncio.get_running_loop()
-    hub = Hub()
+    # the dashboard's traffic window reads the metrics every worker writes
+    hub = Hub(multiprocess_families if os.environ.get("PROMETHEUS_MULTIPROC_DIR") else None)
     counter = 0
     writers: set[asyncio.StreamWriter] = set()
     handlers: set[asyncio.Task[Any]] = set()

@@ -39,6 +39,7 @@ class UpstreamFeed:
         self.stale = False
         self.error = ""
         self.last_success = 0.0
+        self.consul_index = 0  # of the answer that made the current set
         self.backends: tuple[tuple[str, str, int, int, bool], ...] = ()
 
 
@@ -81,13 +82,15 @@ class ConsulDiscovery:
             if self._metrics is not None:
                 self._metrics.record_discovery(name, "consul", ok=False)
             return
-        _, _, _, backends, error = message
+        _, _, _, backends, error, *rest = message
         identities = tuple((str(i), str(h), int(p), int(w), bool(t))
                            for i, h, p, w, t in backends)
         first = not feed.answered.is_set()
         changed = first or identities != feed.backends
         feed.stale, feed.error = bool(error), str(error or "")
         feed.last_success = time.time()
+        if rest:
+            feed.consul_index = int(rest[0])
         if changed:
             feed.backends = identities
             feed.version += 1
@@ -132,6 +135,7 @@ class ConsulDiscovery:
         return {
             "source": "consul", "service": feed.service, "tags": list(spec["tags"]),
             "stale": feed.stale, "error": feed.error or None, "version": feed.version,
+            "consul_index": feed.consul_index or None,
             "last_success_age": round(time.time() - feed.last_success, 3)
             if feed.last_success else None,
         }
