@@ -41,7 +41,7 @@ class CountingBackend:
                 super().setup()
                 backend.connections.add(self.connection)
 
-            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            def do_GET(self) -> None:
                 backend.hits[self.path] += 1
                 body = name.encode()
                 self.send_response(200)
