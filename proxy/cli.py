@@ -1,4 +1,4 @@
-"""The `bascule` command: run, check, demo, --version."""
+"""The `bascule` command: run, check, schema, demo, --version."""
 
 from __future__ import annotations
 
@@ -64,6 +64,18 @@ def cmd_run(file: str) -> int:
     return run_supervisor(config, file)
 
 
+def cmd_schema(output: str | None) -> int:
+    from proxy.config.schema import schema_text
+
+    text = schema_text()
+    if output:
+        with open(output, "w", encoding="utf-8") as fh:
+            fh.write(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def cmd_demo() -> int:
     _setup_logging()
     if not _require_c_parser():
@@ -81,10 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="default: %(default)s")
     check = sub.add_parser("check", help="validate config files")
     check.add_argument("files", nargs="+")
+    schema = sub.add_parser("schema", help="print the config's JSON Schema (for editors)")
+    schema.add_argument("-o", "--output", help="write it to this file instead")
     sub.add_parser("demo", help="three demo backends and Bascule in front of them")
     args = parser.parse_args(argv)
     if args.command == "check":
         return cmd_check(args.files)
     if args.command == "run":
         return cmd_run(args.config)
+    if args.command == "schema":
+        return cmd_schema(args.output)
     return cmd_demo()

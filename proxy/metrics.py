@@ -17,7 +17,6 @@ backends that left discovery are dropped from the exposition.
 from __future__ import annotations
 
 import contextlib
-import os
 import platform
 import time
 from collections.abc import Callable, Iterable
@@ -26,7 +25,6 @@ from typing import Any
 import aiohttp
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
 from prometheus_client.exposition import generate_latest
-from prometheus_client.multiprocess import MultiProcessCollector
 
 from proxy import __version__
 from proxy.metrics_local import (
@@ -38,11 +36,14 @@ from proxy.metrics_local import (
     LocalCounts,
     RouteStats,
     flush_histogram,
+    multiprocess_dir_is_set,
+    multiprocess_families,
+    multiprocess_registry,
     status_class,
 )
 
-__all__ = ["DURATION_BUCKETS", "METHODS", "Metrics", "multiprocess_families",
-           "status_class"]
+__all__ = ["DURATION_BUCKETS", "METHODS", "Metrics", "multiprocess_dir_is_set",
+           "multiprocess_families", "status_class"]
 
 class Metrics:
     def __init__(self, *, multiprocess: bool, max_backend_series: int = 1000,
@@ -384,31 +385,15 @@ class Metrics:
 
     # -- exposition -----------------------------------------------------------------
 
+    def _source(self) -> Any:
+        return multiprocess_registry() if self.multiprocess else self.registry
+
     def families(self) -> Iterable[Any]:
         """Every metric family as last flushed (all workers' in multiprocess mode);
-        may run in a thread."""
-        if self.multiprocess:
-            return multiprocess_families()
-        assert self.registry is not None
-        return self.registry.collect()
+        may run in a thread (the dashboard's traffic window reads it)."""
+        return self._source().collect()  # type: ignore[no-any-return]
 
     def exposition(self) -> bytes:
         """The text exposition. Call flush() first, on the event loop; this part only
         reads (the worker files in multiprocess mode) and may run in a thread."""
-        if self.multiprocess:
-            source: Any = CollectorRegistry()
-            MultiProcessCollector(source)  # type: ignore[no-untyped-call]
-        else:
-            source = self.registry
-        return generate_latest(FilteredRegistry(source, self._live))
-
-
-def multiprocess_families() -> Iterable[Any]:
-    """Every worker's metrics summed, read from the multiprocess files (file I/O)."""
-    registry = CollectorRegistry()
-    MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-    return registry.collect()
-
-
-def multiprocess_dir_is_set() -> bool:
-    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        return generate_latest(FilteredRegistry(self._source(), self._live))

@@ -188,6 +188,15 @@ class Purgeable(Protocol):
 
 
 @runtime_checkable
+class DeclaresOptions(Protocol):
+    """A plugin class naming the option keys it accepts, so that `bascule schema` can
+    flag a typo'd key in an editor (proxy/config/schema.py); values stay the
+    plugin's to check."""
+
+    option_names: frozenset[str]
+
+
+@runtime_checkable
 class Reports(Protocol):
     """A plugin with state worth showing an operator (the dashboard, /status):
     JSON-able and cheap to make; e.g. a store's kind and whether its breaker is open."""

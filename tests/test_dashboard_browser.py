@@ -98,7 +98,7 @@ def state_of(driver: Any, backend_id: str) -> str | None:
     # one script, so the row read is the row of one render
     return driver.execute_script(  # type: ignore[no-any-return]
         "for (const row of document.querySelectorAll('table.backends tbody tr'))"
-        "  if (row.dataset.key === arguments[0]) return row.children[2].textContent;"
+        "  if (row.dataset.key === arguments[0]) return row.children[1].textContent;"
         "return null;", backend_id)
 
 

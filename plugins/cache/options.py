@@ -9,9 +9,9 @@ from typing import Any
 
 from proxy.units import parse_duration, parse_size
 
-__all__ = ["CacheOptions"]
+__all__ = ["OPTION_NAMES", "CacheOptions"]
 
-_OPTIONS = {"store", "memory_max_size", "max_object_size", "heuristic_freshness",
+OPTION_NAMES = {"store", "memory_max_size", "max_object_size", "heuristic_freshness",
             "heuristic_cap", "ignore_set_cookie", "key_headers", "drop_query",
             "lock_timeout", "stale_while_revalidate", "stale_if_error", "tag_headers",
             "validator_grace", "near_cache_size", "near_cache_ttl", "targeted_cache_control"}
@@ -68,8 +68,9 @@ class CacheOptions:
     @classmethod
     def parse(cls, options: dict[str, Any]) -> CacheOptions:
         for key in options:
-            if key not in _OPTIONS:
-                raise ValueError(f"{key}: unknown option (allowed: {', '.join(sorted(_OPTIONS))})")
+            if key not in OPTION_NAMES:
+                allowed = ", ".join(sorted(OPTION_NAMES))
+                raise ValueError(f"{key}: unknown option (allowed: {allowed})")
         return cls(
             store_kind=_option(options, "store", "memory", _store_kind),
             memory_max_size=_option(options, "memory_max_size", "64MiB", parse_size),

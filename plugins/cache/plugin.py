@@ -27,7 +27,7 @@ from multidict import CIMultiDict, istr
 
 from plugins.cache.httpdate import parse_http_date
 from plugins.cache.near import NearCache
-from plugins.cache.options import CacheOptions
+from plugins.cache.options import OPTION_NAMES, CacheOptions
 from plugins.cache.policy import (
     accepts,
     age_from,
@@ -63,6 +63,9 @@ def _seconds(value: str | None) -> float | None:
 
 
 class Cache:
+    # the keys of the [cache] table, for `bascule schema` (proxy/config/schema.py)
+    option_names = frozenset(OPTION_NAMES)
+
     def __init__(self, options: dict[str, Any]) -> None:
         o = CacheOptions.parse(options)
         self.options = dict(options)

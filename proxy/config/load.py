@@ -140,7 +140,7 @@ def _listen_problems(config: Config, file: str) -> list[ConfigProblem]:
 
 # The plugin the [cache] table and `cache = true` stand for: an entry point name in
 # `bascule.plugins`, resolved by the loader like any [[plugins]] `use`.
-_CACHE_TABLE_PLUGIN = "cache"
+CACHE_TABLE_PLUGIN = "cache"
 
 
 def _table_plugins(config: Config, file: str) -> tuple[Config, list[ConfigProblem]]:
@@ -148,7 +148,7 @@ def _table_plugins(config: Config, file: str) -> tuple[Config, list[ConfigProble
     here into an ordinary [[plugins]] entry named "cache" (options: the table) and
     that name last in the route's plugins: past this point nothing treats the cache
     apart from other plugins."""
-    name = _CACHE_TABLE_PLUGIN
+    name = CACHE_TABLE_PLUGIN
     defined = any(p.name == name for p in config.plugins)
     if defined and config.cache:
         return config, [ConfigProblem(file, "cache", "unused: [[plugins]] already "
@@ -156,7 +156,7 @@ def _table_plugins(config: Config, file: str) -> tuple[Config, list[ConfigProble
     plugins = list(config.plugins)
     wanted = any(r.cache or name in r.plugins for r in config.routes)
     if not defined and (wanted or config.cache):
-        entry = PluginConfig(name=name, use=_CACHE_TABLE_PLUGIN, options=dict(config.cache))
+        entry = PluginConfig(name=name, use=CACHE_TABLE_PLUGIN, options=dict(config.cache))
         entry._key_path = "cache"
         plugins.append(entry)
     routes = [r.model_copy(update={"plugins": list(dict.fromkeys([*r.plugins, name]))})

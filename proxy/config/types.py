@@ -10,6 +10,7 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Field,
     PlainSerializer,
 )
 
@@ -23,9 +24,18 @@ def duration_text(seconds: float) -> str:
     return f"{seconds:.6f}".rstrip("0").rstrip(".") + "s"
 
 
-Duration = Annotated[float, BeforeValidator(parse_duration),
+# What the config accepts, for the JSON Schema (proxy/config/schema.py): the strings
+# proxy/units.py parses, not the numbers they become.
+DURATION_PATTERN = r"^\s*\d+(\.\d+)?\s*(ms|s|m|h)\s*$"
+DurationText = Annotated[str, Field(pattern=DURATION_PATTERN,
+                                    examples=["250ms", "5s", "2m", "1h"])]
+SizeText = Annotated[str, Field(pattern=r"^\s*\d+\s*(B|KiB|MiB|GiB|KB|MB|GB)?\s*$",
+                                examples=["64KiB", "10MiB"])]
+
+Duration = Annotated[float, BeforeValidator(parse_duration, json_schema_input_type=DurationText),
                      PlainSerializer(duration_text, return_type=str, when_used="json")]
-Size = Annotated[int, BeforeValidator(parse_size)]
+Size = Annotated[int, BeforeValidator(
+    parse_size, json_schema_input_type=SizeText | Annotated[int, Field(ge=0)])]
 
 
 def parse_hostport(value: str, *, default_host: str | None = None) -> tuple[str, int]:

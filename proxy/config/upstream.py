@@ -130,7 +130,8 @@ class OutlierConfig(Strict):
 
 
 class UpstreamConfig(Strict):
-    backends: list[Annotated[BackendEntry, BeforeValidator(_backend_entry)]] | None = Field(
+    backends: list[Annotated[BackendEntry, BeforeValidator(
+        _backend_entry, json_schema_input_type=str | BackendEntry)]] | None = Field(
         default=None, min_length=1
     )
     consul: ConsulServiceConfig | None = None

@@ -116,8 +116,8 @@ function upstreamCard(name) {
   let card = document.getElementById(id);
   if (card) return card;
   const numeric = new Set(["Weight", "Ramp", "In flight", "req/s", "Errors", "p50", "p99"]);
-  const head = el("tr", {}, ...["Backend", "Address", "State", "Reason", "Weight", "Ramp",
-    "In flight", "req/s", "Errors", "p50", "p99", ""].map((h) =>
+  const head = el("tr", {}, ...["Backend", "State", "Reason", "req/s", "Errors", "p50", "p99",
+    "In flight", "Weight", "Ramp", "Address", ""].map((h) =>
     el("th", numeric.has(h) ? { class: "num" } : {}, h)));
   card = el("div", { class: "card", id, data: { upstream: name } },
     el("h3", {}, name),
@@ -138,7 +138,9 @@ function renderUpstreams(doc) {
       fact("state", disco.stale ? "stale" : "current", disco.stale ? "stale" : ""),
       fact("last success", disco.last_success_age === null || disco.last_success_age === undefined
         ? "–" : duration(disco.last_success_age) + " ago"),
-      fact("in flight", up.inflight),
+      fact("in flight", traffic[name]
+        ? Object.values(traffic[name]).reduce((sum, t) => sum + (t.inflight || 0), 0)
+        : up.inflight),
     ];
     if (disco.error) facts.push(fact("error", disco.error, "stale"));
     if (up.panic) facts.push(fact("panic", "yes", "stale"));
@@ -152,12 +154,11 @@ function renderUpstreams(doc) {
         data: { action, upstream: name, backend: b.id, sig: action } },
       b.drained ? "Enable" : "Drain");
       return [
-        b.id, b.address, [state, "state state-" + state],
-        [(b.health && b.health.reason) || "", "muted"],
-        [b.weight, "num"], [b.ramp < 1 ? fmt(b.ramp * 100, 0, "%") : "–", "num"],
-        [t.inflight ?? b.inflight, "num"], [fmt(t.rps, 1), "num"],
-        [t.rps ? fmt(t.error_ratio * 100, 1, "%") : "–", "num"],
-        [fmt(t.p50_ms, 1, " ms"), "num"], [fmt(t.p99_ms, 1, " ms"), "num"], button,
+        b.id, [state, "state state-" + state], [(b.health && b.health.reason) || "", "reason"],
+        [fmt(t.rps, 1), "num"], [t.rps ? fmt(t.error_ratio * 100, 1, "%") : "–", "num"],
+        [fmt(t.p50_ms, 1, " ms"), "num"], [fmt(t.p99_ms, 1, " ms"), "num"],
+        [t.inflight ?? b.inflight, "num"], [b.weight, "num"],
+        [b.ramp < 1 ? fmt(b.ramp * 100, 0, "%") : "–", "num"], [b.address, "addr"], button,
       ];
     });
     return card;
