@@ -156,6 +156,8 @@ def main() -> int:
     ap.add_argument("--observability", action="store_true",
                     help="add bascule-1 with metrics off, and with JSON access logs on")
     ap.add_argument("--no-tls", action="store_true", help="skip the TLS section")
+    ap.add_argument("--no-dashboard", action="store_true",
+                    help="skip the dashboard section (bench/dashboard_cost.py)")
     ap.add_argument("--no-compress", action="store_true",
                     help="skip the compression section")
     ap.add_argument("--no-plugins", action="store_true",
@@ -385,6 +387,10 @@ backends = ["127.0.0.1:{backend}"]
         tls_section(args, static)
     if not args.no_compress:
         compress_section(args, static)
+    if not args.no_dashboard:
+        from dashboard_cost import dashboard_section
+
+        dashboard_section(args.rounds, args.duration, args.connections)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0
