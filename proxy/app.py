@@ -14,43 +14,49 @@ from proxy.balancer import Balancer
 from proxy.config import Config, parse_hostport
 from proxy.discovery.manager import ConsulDiscovery
 from proxy.errors import ConfigError, ConfigProblem
+from proxy.fleet import FleetCounts
 from proxy.headers import HeaderPolicy
 from proxy.loader import PLUGIN_GROUP, STRATEGY_GROUP, load
 from proxy.models import Backend, BackendSet
 from proxy.plugin import Plugin, PluginSeams, ReadsFiles, quick_answers
 from proxy.routing import Route, RouteTable
 from proxy.runtime import Runtime, Upstream
+from proxy.split import TrafficSplit
+from proxy.sticky import StickySessions
 from proxy.strategy import Strategy
 from proxy.tls.certs import CertificateError
 from proxy.tls.client import client_context
 from proxy.tls.server import build_certificates
+from proxy.units import parse_duration
 
 __all__ = ["build_plugins", "build_runtime", "build_strategy"]
 
 log = logging.getLogger("bascule")
 
 
-def build_strategy(name: str, options: dict[str, Any], file: str, path: str) -> Strategy:
+def build_strategy(name: str, options: dict[str, Any], file: str, path: str,
+                   field: str = "strategy") -> Strategy:
+    """`field`: the key that names it (`strategy`, or `shadow_strategy`), for errors."""
     try:
         factory = load(STRATEGY_GROUP, name)
     except ValueError as exc:
-        raise ConfigError([ConfigProblem(file, f"{path}.strategy", str(exc))]) from None
+        raise ConfigError([ConfigProblem(file, f"{path}.{field}", str(exc))]) from None
     try:
         strategy = factory(dict(options))
     except ValueError as exc:
         # Strategies name the option first ("vnodes: must be >= 1").
         message = str(exc)
         option, sep, rest = message.partition(": ")
-        key = f"{path}.strategy_options.{option}" if sep and " " not in option else (
-            f"{path}.strategy_options")
+        key = f"{path}.{field}_options.{option}" if sep and " " not in option else (
+            f"{path}.{field}_options")
         raise ConfigError([ConfigProblem(file, key, rest if sep and " " not in option
                                          else message)]) from None
     except TypeError as exc:
         raise ConfigError([ConfigProblem(
-            file, f"{path}.strategy", f"{name!r} is not a usable strategy: {exc}")]) from None
+            file, f"{path}.{field}", f"{name!r} is not a usable strategy: {exc}")]) from None
     if not isinstance(strategy, Strategy):
         raise ConfigError([ConfigProblem(
-            file, f"{path}.strategy", f"{name!r} has no pick()/update() methods")])
+            file, f"{path}.{field}", f"{name!r} has no pick()/update() methods")])
     return strategy
 
 
@@ -93,10 +99,18 @@ def build_runtime(config: Config, file: str) -> Runtime:
         try:
             strategy = build_strategy(up.strategy, up.strategy_options, file,
                                       f"upstreams.{name}")
+            shadow = None if up.shadow_strategy is None else build_strategy(
+                up.shadow_strategy, up.shadow_strategy_options, file, f"upstreams.{name}",
+                "shadow_strategy")
         except ConfigError as exc:
             problems.extend(exc.problems)
             continue
-        balancer = Balancer(name, strategy)
+        try:
+            sticky = StickySessions(up.sticky) if up.sticky is not None else None
+        except (OSError, ValueError) as exc:
+            problems.append(ConfigProblem(file, f"upstreams.{name}.sticky", str(exc)))
+            continue
+        balancer = Balancer(name, strategy, shadow, sticky)
         # Consul upstreams start empty (503 with a reason) until the first answer.
         backends = tuple(
             Backend(entry.address, *entry.host_port, weight=entry.weight,
@@ -112,19 +126,24 @@ def build_runtime(config: Config, file: str) -> Runtime:
                 problems.append(ConfigProblem(file, f"upstreams.{name}.tls", str(exc)))
                 continue
         try:
-            upstreams[name] = Upstream(name, up, balancer, tls)
+            upstreams[name] = upstream = Upstream(name, up, balancer, tls)
         except ValueError as exc:  # hash_on: the engine reads it, whatever the strategy
             problems.append(ConfigProblem(file, f"upstreams.{name}.strategy_options.hash_on",
                                           str(exc).removeprefix("hash_on: ")))
+            continue
+        if up.strategy_options.get("shared") == "redis":  # the strategy checked the options
+            upstream.fleet = FleetCounts(name, balancer, config.redis, parse_duration(
+                up.strategy_options.get("shared_interval", "250ms")))
     if problems:
         raise ConfigError(problems)
     routes = RouteTable([
         Route(
-            name=r.name or f"routes[{i}]", upstream=r.upstream, host=r.host,
+            name=r.name or f"routes[{i}]", upstream=r.upstream_names[0], host=r.host,
             path_prefix=r.path_prefix, strip_prefix=r.strip_prefix,
             pass_host=r.pass_host, websocket=r.websocket, access_log=r.access_log,
             plugins=tuple(r.plugins), normalise_path=r.normalise_path,
             buffer_requests=r.buffer_requests,
+            split=TrafficSplit(r) if r.upstreams else None,
         )
         for i, r in enumerate(config.routes)
     ])

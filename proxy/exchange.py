@@ -49,9 +49,28 @@ _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 class Exchange:
     """State of one proxied request across its attempts."""
 
-    __slots__ = ("backend", "body_complete", "body_copy", "chunked", "client_host", "conn",
-                 "continue_sent", "has_body", "hash_key", "head_rest", "method", "metrics",
-                 "outcome", "pool", "request", "request_line", "route", "runtime", "upstream")
+    __slots__ = (
+        "backend",
+        "body_complete",
+        "body_copy",
+        "chunked",
+        "client_host",
+        "conn",
+        "continue_sent",
+        "has_body",
+        "hash_key",
+        "head_rest",
+        "method",
+        "metrics",
+        "outcome",
+        "pinned_by",
+        "pool",
+        "request",
+        "request_line",
+        "route",
+        "runtime",
+        "upstream",
+    )
 
     def __init__(
         self, request: web.BaseRequest, route: Route, upstream: Upstream, runtime: Runtime,
@@ -82,6 +101,7 @@ class Exchange:
             [] if has_body else None)
         self.body_complete = body_done
         self.continue_sent = continue_sent
+        self.pinned_by: str | None = None  # the sticky cookie's value the request carried
 
     async def run(self) -> web.StreamResponse:
         started = self.runtime.loop.time()
@@ -97,6 +117,15 @@ class Exchange:
             raise
         finally:
             self.finish(started, ok)
+
+    def sticky_cookie(self) -> bytes:
+        """The Set-Cookie line pinning the client to the backend that answered (empty
+        when its cookie already does, or the upstream is not sticky)."""
+        sticky, backend = self.upstream.sticky, self.backend
+        if sticky is None or backend is None:
+            return b""
+        return sticky.answered(self.pinned_by, backend,
+                               bool(self.request.protocol.tls))  # type: ignore[attr-defined]
 
     def finish(self, started: float, ok: bool) -> None:
         """Release the connection (unless already given back) and the lease."""
@@ -133,7 +162,10 @@ class Exchange:
             self.finish(started, False)
             raise UpstreamInvalidResponse("transfer-coded response on a route with plugins")
         headers: CIMultiDict[str] = CIMultiDict(fields.items())
-        ready = (headers_version(headers), fields.block())
+        pin = self.sticky_cookie()
+        if pin:
+            headers.add("Set-Cookie", pin[len(b"Set-Cookie: "):-2].decode("ascii"))
+        ready = (headers_version(headers), fields.block() + pin)
         reason = head.reason.decode("latin-1")
         complete = conn.take_buffered_body()
         if complete is not None:
@@ -153,6 +185,11 @@ class Exchange:
         upstream = self.upstream
         balancer = upstream.balancer
         ctx = RequestContext(self.hash_key)
+        sticky = upstream.sticky
+        if sticky is not None:
+            self.pinned_by = sticky.requested(self.request._message.headers.get("Cookie"))
+            if self.pinned_by is not None:
+                ctx.pinned = sticky.by_token.get(self.pinned_by)
         stale_retry_left = True
         attempt = 0
         retrying = False

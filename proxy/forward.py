@@ -219,7 +219,10 @@ class Forwarder:
             return error_response(AmbiguousPath.status, AmbiguousPath.public_message)
         if route is None:
             return error_response(NoRouteError.status, NoRouteError.public_message)
-        upstream = runtime.upstreams[route.upstream]
+        peer = request.protocol.peer  # type: ignore[attr-defined]
+        split = route.split
+        upstream = runtime.upstreams[route.upstream if split is None
+                                     else split.choose(headers, target, peer)]
         outcome.route = route
         outcome.upstream = upstream.name
         if route.normalise_path or (route.strip_prefix
@@ -246,7 +249,6 @@ class Forwarder:
             if answer is not None:
                 return self._write_quick(request, answer, outcome)
 
-        peer = request.protocol.peer  # type: ignore[attr-defined]
         hash_key = upstream.hash_on.extract(headers, message.path, peer)
         if (message.upgrade and route.websocket
                 and headers.get("Upgrade", "").lower() == "websocket"):

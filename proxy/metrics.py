@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, valu
 from prometheus_client.exposition import generate_latest
 
 from proxy import __version__
+from proxy.metrics_balancing import BalancingMetrics
 from proxy.metrics_local import (
     DURATION_BUCKETS,
     METHODS,
@@ -176,6 +177,7 @@ class Metrics:
         self.build_info = Gauge(
             "bascule_build_info", "Bascule's version (value 1).",
             ["version", "python", "aiohttp"], multiprocess_mode="livemax", registry=r)
+        self.balancing = BalancingMetrics(r, self._backend_label)  # shadow, sticky, fleet
         self.build_info.labels(__version__, platform.python_version(),
                                aiohttp.__version__).set(1)
         for result in ("success", "error"):

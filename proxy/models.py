@@ -12,8 +12,8 @@ class Backend:
     counters are mutable runtime state kept by the balancer's lease, so they survive
     discovery updates that keep the backend's identity."""
 
-    __slots__ = ("drained", "healthy", "host", "id", "inflight", "port", "ramp", "tls",
-                 "weight")
+    __slots__ = ("drained", "fleet_inflight", "healthy", "host", "id", "inflight", "port",
+                 "ramp", "tls", "weight")
 
     def __init__(self, id: str, host: str, port: int, weight: int = 1,
                  tls: bool = False) -> None:
@@ -23,6 +23,9 @@ class Backend:
         self.weight = weight
         self.tls = tls  # spoken to over HTTPS (upstream `tls`, or Consul's proto=https)
         self.inflight = 0
+        # Other workers' and instances' in-flight requests on this backend, as Redis
+        # last said (proxy/fleet.py); 0 unless the strategy has shared = "redis".
+        self.fleet_inflight = 0
         self.healthy = True
         # Slow start: share of its weight a (re)admitted backend gets while it warms up
         self.ramp = 1.0

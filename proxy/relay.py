@@ -90,6 +90,8 @@ async def respond(self: Exchange, head: ResponseHead) -> web.StreamResponse:
     request = self.request
     fields = head.fields
     block, length, has_date = fields.block(), fields.body_length, fields.has_date
+    if self.upstream.sticky is not None:
+        block += self.sticky_cookie()
     no_body = has_no_body(request.method, head.status)
     codings = b"" if no_body else fields.codings
     if codings and request.version < (1, 1):

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 from proxy.errors import AmbiguousPath
 from proxy.pathnorm import needs_normalising, readings
@@ -37,6 +38,8 @@ class Route:
     plugins: tuple[str, ...] = ()
     normalise_path: bool = False  # forward the normal form instead of the client's bytes
     buffer_requests: int = 64 * 1024  # bodies up to this size are read before forwarding
+    # A weighted split over upstreams (proxy/split.py); `upstream` is then its first.
+    split: Any = None
 
 
 @lru_cache(maxsize=1024)

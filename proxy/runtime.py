@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from proxy.balancer import Balancer
 from proxy.config import Config, ServerConfig, TimeoutsConfig, UpstreamConfig
+from proxy.fleet import FleetCounts
 from proxy.hashkey import HashKeySource, parse_hash_on
 from proxy.headers import HeaderPolicy, IPNetwork
 from proxy.health import HealthMonitor
@@ -70,11 +71,15 @@ class Upstream:
         self.response_limits = ResponseLimits(config.max_response_header_size,
                                               config.max_response_headers)
         self.health = HealthMonitor(name, config, balancer)
+        self.sticky = balancer.sticky  # pins by cookie (proxy/sticky.py), or None
+        self.fleet: FleetCounts | None = None  # shared = "redis" (proxy/fleet.py)
         # The request's hash key comes from the upstream's config (`hash_on` in
         # strategy_options, client_ip by default), computed once per request by the
         # forwarder; strategies that hash read RequestContext.hash_key.
+        # A shadow strategy hashes the same key: the real strategy's hash_on, else its own.
         self.hash_on: HashKeySource = parse_hash_on(
-            config.strategy_options.get("hash_on", "client_ip"))
+            config.strategy_options.get("hash_on")
+            or config.shadow_strategy_options.get("hash_on", "client_ip"))
 
     def pool_for(self, backend: Backend) -> BackendPool:
         pool = self.pools.get(backend.id)
@@ -152,6 +157,9 @@ class Runtime:
         context = PluginContext(redis=self.config.redis, metrics=metrics)
         for plugin in self.seams.starting.values():
             await plugin.start(context)
+        for upstream in self.upstreams.values():
+            if upstream.fleet is not None:
+                upstream.fleet.start()
 
     async def aclose(self) -> None:
         for name, plugin in self.seams.closing.items():
@@ -161,6 +169,8 @@ class Runtime:
                 log.exception("plugin %s failed to close", name)
         for upstream in self.upstreams.values():
             await upstream.health.stop()
+            if upstream.fleet is not None:
+                await upstream.fleet.close()
         if self.discovery is not None:
             await self.discovery.stop()
         self.close()
@@ -183,6 +193,7 @@ class Runtime:
             "routes": [
                 {"name": r.name, "host": r.host, "path_prefix": r.path_prefix,
                  "upstream": r.upstream, "strip_prefix": r.strip_prefix,
+                 "split": r.split.describe() if r.split else None,
                  "pass_host": r.pass_host, "websocket": r.websocket}
                 for r in self.routes.routes
             ],
@@ -193,9 +204,13 @@ class Runtime:
                         "source": "static", "stale": False, "version": up.balancer.version},
                     "inflight": up.balancer.inflight,
                     "panic": up.balancer.panic,
+                    "shadow_strategy": up.config.shadow_strategy,
+                    "sticky": up.config.sticky.cookie if up.config.sticky else None,
+                    "fleet": up.fleet.describe() if up.fleet else None,
                     "backends": [
                         {"id": b.id, "address": b.address, "weight": b.weight,
                          "healthy": b.healthy, "inflight": b.inflight,
+                         "fleet_inflight": b.fleet_inflight,
                          "source": "consul" if up.config.consul else "static",
                          "drained": b.drained, "ramp": round(b.ramp, 3),
                          "health": up.health.describe(b)}

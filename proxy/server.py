@@ -112,6 +112,8 @@ class Edge:
         self.metrics.watch(lambda: self.forwarder.runtime.live_backends(),
                            lambda: self.forwarder.runtime.backend_gauges())
         self.metrics.config_loaded_now(runtime.config_hash)
+        self.metrics.on_flush(lambda: self.metrics.balancing.flush(
+            self.forwarder.runtime.upstreams.values()))
         for name, upstream in runtime.upstreams.items():
             if upstream.config.consul is None:
                 self.metrics.record_discovery(name, "static", ok=True)

@@ -21,9 +21,10 @@ class RequestContext:
     request from the upstream's `hash_on` — `strategy_options.hash_on`, the client
     address by default — or None when the request lacks it), the ids of backends already
     tried by earlier attempts, which `pick()` must avoid when it can, and the
-    upstream's total in-flight count."""
+    upstream's total in-flight count. A strategy never sees `pinned`: the balancer
+    deals with it."""
 
-    __slots__ = ("exclude", "hash_key", "upstream_inflight")
+    __slots__ = ("exclude", "hash_key", "pinned", "upstream_inflight")
 
     def __init__(self, hash_key: str | None = None, exclude: frozenset[str] = frozenset()):
         self.hash_key = hash_key
@@ -31,6 +32,9 @@ class RequestContext:
         # requests in flight on the whole upstream, set by the balancer before pick()
         # (bounded-load hashing needs the mean without scanning every backend)
         self.upstream_inflight = 0
+        # the backend a sticky-session cookie names (proxy/sticky.py): the balancer
+        # takes it, when healthy and not excluded, without asking the strategy
+        self.pinned: Backend | None = None
 
 
 @runtime_checkable

@@ -5,7 +5,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["float_option", "int_option", "reject_unknown_options"]
+from proxy.units import parse_duration
+
+__all__ = ["SHARED_OPTIONS", "check_shared_options", "float_option", "int_option",
+           "reject_unknown_options"]
+
+# Options the engine acts on for strategies that count in-flight requests: the counts
+# are shared across the fleet through Redis (proxy/fleet.py reads them too).
+SHARED_OPTIONS = {"shared", "shared_interval"}
 
 
 def reject_unknown_options(options: dict[str, Any], known: set[str]) -> None:
@@ -37,3 +44,19 @@ def float_option(options: dict[str, Any], name: str, default: float | None, *,
     if value <= above:
         raise ValueError(f"{name}: must be > {above}")
     return float(value)
+
+
+def check_shared_options(options: dict[str, Any]) -> None:
+    shared = options.get("shared")
+    if shared is not None and shared != "redis":
+        raise ValueError(f'shared: must be "redis", got {shared!r}')
+    interval = options.get("shared_interval")
+    if interval is not None:
+        if shared is None:
+            raise ValueError('shared_interval: only with shared = "redis"')
+        try:
+            seconds = parse_duration(interval)
+        except ValueError as exc:
+            raise ValueError(f"shared_interval: {exc}") from None
+        if not 0.01 <= seconds <= 10:
+            raise ValueError("shared_interval: must be between 10ms and 10s")

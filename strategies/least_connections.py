@@ -6,6 +6,10 @@ broken by starting each scan one place further round, so no backend is favoured 
 its position. With `choices = N` (N >= 2), N distinct backends are sampled and the
 best taken — the power of N choices (Mitzenmacher 2001; Envoy's default of 2), O(N)
 per pick whatever the set size. update() is O(n).
+
+`shared = "redis"`: the in-flight counts are the fleet's — this worker's live ones
+plus every other worker's and instance's as Redis last said (`shared_interval`,
+250 ms by default; proxy/fleet.py). Without it `fleet_inflight` stays 0.
 """
 
 from __future__ import annotations
@@ -17,15 +21,21 @@ from typing import Any
 from proxy.errors import NoBackendError
 from proxy.models import Backend
 from proxy.strategy import RequestContext
-from strategies._common import int_option, reject_unknown_options
+from strategies._common import (
+    SHARED_OPTIONS,
+    check_shared_options,
+    int_option,
+    reject_unknown_options,
+)
 
 __all__ = ["LeastConnections"]
 
 
 class LeastConnections:
     def __init__(self, options: dict[str, Any], *, rng: Any = None) -> None:
-        reject_unknown_options(options, {"choices"})
+        reject_unknown_options(options, {"choices", *SHARED_OPTIONS})
         self.choices = int_option(options, "choices", None, minimum=2)
+        check_shared_options(options)
         self._rng = rng or _random.Random()
         self._backends: list[Backend] = []
         self._start = 0
@@ -58,8 +68,9 @@ class LeastConnections:
                 continue
             # inflight/weight < best_inflight/best_weight, without division
             weight = backend.weight * backend.ramp
-            if best is None or backend.inflight * best_weight < best_inflight * weight:
-                best, best_inflight, best_weight = backend, backend.inflight, weight
+            load = backend.inflight + backend.fleet_inflight
+            if best is None or load * best_weight < best_inflight * weight:
+                best, best_inflight, best_weight = backend, load, weight
         return best
 
     def _sample(self, exclude: frozenset[str]) -> Backend | None:
@@ -77,8 +88,9 @@ class LeastConnections:
                 continue
             found += 1
             weight = backend.weight * backend.ramp
-            if best is None or backend.inflight * best_weight < best_inflight * weight:
-                best, best_inflight, best_weight = backend, backend.inflight, weight
+            load = backend.inflight + backend.fleet_inflight
+            if best is None or load * best_weight < best_inflight * weight:
+                best, best_inflight, best_weight = backend, load, weight
         return best if best is not None else self._scan(exclude)
 
     def __repr__(self) -> str:

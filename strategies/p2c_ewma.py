@@ -23,7 +23,7 @@ from proxy.errors import NoBackendError
 from proxy.models import Backend
 from proxy.strategy import RequestContext
 from proxy.units import parse_duration
-from strategies._common import reject_unknown_options
+from strategies._common import SHARED_OPTIONS, check_shared_options, reject_unknown_options
 
 __all__ = ["P2CEwma"]
 
@@ -31,7 +31,9 @@ __all__ = ["P2CEwma"]
 class P2CEwma:
     def __init__(self, options: dict[str, Any], *, rng: Any = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        reject_unknown_options(options, {"decay", "default_rtt", "failure_penalty"})
+        reject_unknown_options(options, {"decay", "default_rtt", "failure_penalty",
+                                         *SHARED_OPTIONS})
+        check_shared_options(options)
         self.decay = _duration(options, "decay", "10s")
         self.default_rtt = _duration(options, "default_rtt", "5ms")
         self.failure_penalty = _duration(options, "failure_penalty", "1s")
@@ -64,7 +66,8 @@ class P2CEwma:
     def cost(self, backend: Backend) -> float:
         state = self._ewma.get(backend.id)
         latency = state[0] if state else self.default_rtt
-        return latency * (backend.inflight + 1) / (backend.weight * backend.ramp)
+        load = backend.inflight + backend.fleet_inflight  # fleet: shared = "redis"
+        return latency * (load + 1) / (backend.weight * backend.ramp)
 
     def pick(self, ctx: RequestContext) -> Backend:
         backends = self._backends

@@ -183,8 +183,8 @@ async def test_status_and_healthz(edge: Edge) -> None:
     assert app_status["strategy"] == "round_robin"
     assert app_status["discovery"] == {"source": "static", "stale": False, "version": 1}
     assert [set(b) for b in app_status["backends"]] == [
-        {"id", "address", "weight", "healthy", "inflight", "source", "drained", "ramp",
-         "health"}] * 2
+        {"id", "address", "weight", "healthy", "inflight", "fleet_inflight", "source",
+         "drained", "ramp", "health"}] * 2
     assert status["draining"] is False and status["version"]
 
 

@@ -20,6 +20,7 @@ from proxy.config.model import (
     RedisConfig,
     RouteConfig,
     ServerConfig,
+    SplitTarget,
 )
 from proxy.config.tls import CertificateEntry, ServerTlsConfig, UpstreamTlsConfig
 from proxy.config.types import Duration, Size, parse_hostport
@@ -29,6 +30,7 @@ from proxy.config.upstream import (
     HealthConfig,
     OutlierConfig,
     RetryConfig,
+    StickyConfig,
     TimeoutsConfig,
     UpstreamConfig,
 )
@@ -51,6 +53,8 @@ __all__ = [
     "ServerConfig",
     "ServerTlsConfig",
     "Size",
+    "SplitTarget",
+    "StickyConfig",
     "TimeoutsConfig",
     "UpstreamConfig",
     "UpstreamTlsConfig",

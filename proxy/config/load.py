@@ -58,12 +58,15 @@ def _cross_check(data: dict[str, Any], file: str) -> list[ConfigProblem]:
                 problems.append(ConfigProblem(
                     file, f"routes[{i}].name", f"name {label!r} is used by routes[{names[label]}]"))
             names[label] = i
-        name = route.get("upstream")
-        if isinstance(name, str) and name not in upstream_names:
-            known = ", ".join(sorted(upstream_names)) or "none"
-            problems.append(ConfigProblem(
-                file, f"routes[{i}].upstream",
-                f"upstream {name!r} is not defined (defined: {known})"))
+        split = route.get("upstreams")
+        references = [(f"routes[{i}].upstream", route.get("upstream"))] + [
+            (f"routes[{i}].upstreams[{j}].name", t.get("name") if isinstance(t, dict) else None)
+            for j, t in enumerate(split if isinstance(split, list) else [])]
+        for where, name in references:
+            if isinstance(name, str) and name not in upstream_names:
+                known = ", ".join(sorted(upstream_names)) or "none"
+                problems.append(ConfigProblem(
+                    file, where, f"upstream {name!r} is not defined (defined: {known})"))
         host = route.get("host")
         key = (host.strip().lower() if isinstance(host, str) else host,
                route.get("path_prefix", "/"))

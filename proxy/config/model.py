@@ -11,15 +11,17 @@ from pydantic import (
     Field,
     PrivateAttr,
     field_validator,
+    model_validator,
 )
 
 from proxy.config.tls import ServerTlsConfig
 from proxy.config.types import Duration, Size, Strict, parse_hostport
 from proxy.config.upstream import UpstreamConfig
+from proxy.hashkey import parse_hash_on
 from proxy.pathnorm import readings
 
 __all__ = ["AdminConfig", "Config", "ConsulConfig", "ConsulRegisterConfig", "PluginConfig",
-           "RedisConfig", "RouteConfig", "ServerConfig"]
+           "RedisConfig", "RouteConfig", "ServerConfig", "SplitTarget"]
 
 
 class ServerConfig(Strict):
@@ -124,8 +126,24 @@ class AdminConfig(Strict):
         return value
 
 
+class SplitTarget(Strict):
+    """One side of a route's traffic split (`upstreams = [{ name, weight }, ...]`)."""
+
+    name: str
+    weight: int = Field(default=1, ge=0, le=1_000_000)  # a share; 0: only when forced
+    # Requests carrying this header value ("X-Canary: always") or cookie value
+    # ("canary=always") go to this side whatever the weights (for testers).
+    force_header: str | None = Field(default=None, pattern=r"^[!-9;-~]+:\s*\S.*$")
+    force_cookie: str | None = Field(default=None, pattern=r"^[^=;\s]+=[^;\s]*$")
+
+
 class RouteConfig(Strict):
-    upstream: str
+    upstream: str | None = None  # one upstream, or:
+    # weighted upstreams (Envoy's weighted clusters): see proxy/split.py
+    upstreams: list[SplitTarget] | None = Field(default=None, min_length=1)
+    # keep a client on one side: a hash_on form ("cookie:session", "header:X-User",
+    # "client_ip", ...); unset or absent in a request: weighted round robin
+    split_on: str | None = None
     name: str | None = Field(default=None, min_length=1, max_length=100)
     host: str | None = None
     path_prefix: str = "/"
@@ -139,6 +157,35 @@ class RouteConfig(Strict):
     # Request bodies up to this size are read whole before a backend is chosen, so a
     # slow client holds no backend connection; larger ones stream. 0: always stream.
     buffer_requests: Size = 64 * 1024
+
+    @model_validator(mode="after")
+    def _one_upstream_or_a_split(self) -> RouteConfig:
+        if (self.upstream is None) == (self.upstreams is None):
+            raise ValueError("set upstream (one) or upstreams (a weighted split), not both")
+        if self.upstreams is not None:
+            names = [t.name for t in self.upstreams]
+            if len(set(names)) != len(names):
+                raise ValueError("upstreams: an upstream is listed twice")
+            if not any(t.weight for t in self.upstreams):
+                raise ValueError("upstreams: at least one weight must be above 0")
+        elif self.split_on is not None:
+            raise ValueError("split_on needs upstreams (a weighted split)")
+        return self
+
+    @field_validator("split_on")
+    @classmethod
+    def _split_on(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                parse_hash_on(value)
+            except ValueError as exc:
+                raise ValueError(str(exc).removeprefix("hash_on: ")) from None
+        return value
+
+    @property
+    def upstream_names(self) -> list[str]:
+        return [self.upstream] if self.upstream is not None else [
+            t.name for t in self.upstreams or ()]
 
     @field_validator("host")
     @classmethod

@@ -3,19 +3,21 @@ health checks, outlier detection and limits."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import os
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BeforeValidator,
     Field,
     field_validator,
+    model_validator,
 )
 
 from proxy.config.tls import UpstreamTlsConfig
 from proxy.config.types import Duration, Size, Strict, parse_hostport
 
 __all__ = ["BackendEntry", "ConsulServiceConfig", "HealthConfig", "OutlierConfig",
-           "RetryConfig", "TimeoutsConfig", "UpstreamConfig"]
+           "RetryConfig", "StickyConfig", "TimeoutsConfig", "UpstreamConfig"]
 
 
 def _backend_entry(value: Any) -> Any:
@@ -129,6 +131,48 @@ class OutlierConfig(Strict):
     max_ejection_percent: int = Field(default=50, ge=0, le=100)
 
 
+_COOKIE_NAME = r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$"  # an RFC 9110 token (RFC 6265 §4.1.1)
+
+
+class StickyConfig(Strict):
+    """`upstreams.<name>.sticky`: the first answer sets a cookie naming the chosen
+    backend by an HMAC of its identity (never its address); later requests carrying
+    it go to that backend while it is healthy and present, else the strategy picks
+    again and the cookie is replaced. The same secret gives the same cookie values in
+    every worker and every instance."""
+
+    cookie: str = Field(pattern=_COOKIE_NAME, max_length=64)
+    secret_file: str | None = None  # the HMAC key, from a file (preferred)
+    secret: str | None = Field(default=None, min_length=16)  # or inline
+    max_age: Duration | None = None  # unset: a session cookie
+    path: str = "/"
+    domain: str | None = None
+    same_site: Literal["Lax", "Strict", "None"] = "Lax"
+    http_only: bool = True
+    secure: bool | Literal["auto"] = "auto"  # auto: on requests that came over TLS
+
+    @field_validator("secret_file")
+    @classmethod
+    def _secret_file(cls, value: str | None) -> str | None:
+        if value is not None and not os.path.isfile(value):
+            raise ValueError(f"file not found: {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> StickyConfig:
+        if (self.secret is None) == (self.secret_file is None):
+            raise ValueError("set one of secret_file or secret (at least 16 characters): "
+                             "the same secret in every instance gives the same pins")
+        return self
+
+    @field_validator("path", "domain")
+    @classmethod
+    def _attribute(cls, value: str | None) -> str | None:
+        if value is not None and (";" in value or any(ord(c) < 0x21 for c in value)):
+            raise ValueError(f"must not contain ';', spaces or controls, got {value!r}")
+        return value
+
+
 class UpstreamConfig(Strict):
     backends: list[Annotated[BackendEntry, BeforeValidator(
         _backend_entry, json_schema_input_type=str | BackendEntry)]] | None = Field(
@@ -137,6 +181,12 @@ class UpstreamConfig(Strict):
     consul: ConsulServiceConfig | None = None
     strategy: str = "round_robin"
     strategy_options: dict[str, Any] = Field(default_factory=dict)
+    # Picks beside the real strategy on every request, without effect, to compare
+    # before switching (bascule_shadow_* metrics; proxy/balancer.py).
+    shadow_strategy: str | None = None
+    shadow_strategy_options: dict[str, Any] = Field(default_factory=dict)
+    # Pin clients to a backend with a signed cookie (proxy/sticky.py).
+    sticky: StickyConfig | None = None
     timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
     pool_size: int = Field(default=64, ge=0, le=100_000)
     idle_timeout: Duration = 15.0
