@@ -37,6 +37,19 @@ SCENARIOS = {
 }
 
 
+STICKY_SECRET = "bench-sticky-secret-0123456789"
+
+
+def sticky_cookie(backend_port: int) -> str:
+    """The pin Bascule gives the bench's one backend (so wrk's requests are hits)."""
+    sys.path.insert(0, str(HERE.parent))
+    from proxy.config import StickyConfig
+    from proxy.sticky import StickySessions
+
+    pins = StickySessions(StickyConfig(cookie="pin", secret=STICKY_SECRET))
+    return f"pin={pins.token(f'127.0.0.1:{backend_port}')}"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -115,7 +128,7 @@ server {{
 
 def wrk(url: str, path: str, body_size: int | None, duration: int, connections: int,
         work: Path, *, new_connections: bool = False, cpu: int | None = 1,
-        auth: str = "", accept: str = "") -> tuple[float, float, float]:
+        auth: str = "", accept: str = "", cookie: str = "") -> tuple[float, float, float]:
     argv = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency"]
     if new_connections:  # a new connection (and, over TLS, a full handshake) per request
         argv += ["-H", "Connection: close"]
@@ -123,6 +136,8 @@ def wrk(url: str, path: str, body_size: int | None, duration: int, connections: 
         argv += ["-H", f"Authorization: Basic {auth}"]
     if accept:
         argv += ["-H", f"Accept-Encoding: {accept}"]
+    if cookie:
+        argv += ["-H", f"Cookie: {cookie}"]
     if body_size:
         script = work / "post.lua"
         script.write_text('wrk.method = "POST"\n'
@@ -245,7 +260,13 @@ server {{ listen 127.0.0.1:{port};
                          ("1-ip_filter", "1", 0, "true", "off"),
                          ("1-basic_auth", "1", 0, "true", "off"),
                          ("1-rate_limit", "1", 0, "true", "off"),
-                         ("1-headers", "1", 0, "true", "off")]
+                         ("1-headers", "1", 0, "true", "off"),
+                         # balancing beyond the strategy (issue 17): a sticky upstream
+                         # with the client's pin (hit) and without (new pin each time),
+                         # and a shadow strategy picking beside the real one
+                         ("1-sticky", "1", 0, "true", "off"),
+                         ("1-sticky-new", "1", 0, "true", "off"),
+                         ("1-shadow", "1", 0, "true", "off")]
             if shutil.which("redis-server"):
                 if not redis_url:
                     redis_port = free_port()
@@ -293,6 +314,11 @@ server {{ listen 127.0.0.1:{port};
                                'options = { prefix = "/never" }\n',
             }.get(plugin, "")
             store = "redis" if "-redis" in label else "memory"
+            balancing = {
+                "1-sticky": f'sticky = {{ cookie = "pin", secret = "{STICKY_SECRET}" }}',
+                "1-sticky-new": f'sticky = {{ cookie = "pin", secret = "{STICKY_SECRET}" }}',
+                "1-shadow": 'shadow_strategy = "least_connections"',
+            }.get(label, "")
             near = 'near_cache_size = "0"' if label.endswith("-nonear") else ""
             port, admin = free_port(), free_port()
             conf = work / f"bascule-{label}.toml"
@@ -319,6 +345,7 @@ cache = {'true' if cache else 'false'}
 {'plugins = ["p"]' if plugin else ""}
 [upstreams.be]
 backends = ["127.0.0.1:{backend}"]
+{balancing}
 """)
             bench.start(pinned(cpu, [sys.executable, "-m", "proxy", "run", "-c", str(conf)]))
             targets[f"bascule-{label}"] = port
@@ -333,12 +360,15 @@ backends = ["127.0.0.1:{backend}"]
                     if args.targets and name not in [*args.targets.split(","), "nginx"]:
                         continue
                     if (name.endswith(("passthrough", "ip_filter", "basic_auth",
-                                       "rate_limit", "rate_limit_redis", "headers"))
+                                       "rate_limit", "rate_limit_redis", "headers",
+                                       "sticky", "sticky-new", "shadow"))
                             and scenario != "1KiB GET"):
                         continue
                     r = wrk(f"http://127.0.0.1:{port}", path, body, args.duration,
                             args.connections, work,
-                            auth="YmVuY2g6YmVuY2g=" if name.endswith("basic_auth") else "")
+                            auth="YmVuY2g6YmVuY2g=" if name.endswith("basic_auth") else "",
+                            cookie=sticky_cookie(backend) if name.endswith("-sticky")
+                            else "")
                     results.setdefault(scenario, {}).setdefault(name, []).append(r)
                     print(f"round {rnd + 1} {scenario:11} {name:13} {r[0]:9.0f} req/s "
                           f"p50 {r[1]:.2f}ms p99 {r[2]:.2f}ms", file=sys.stderr)
@@ -361,13 +391,14 @@ backends = ["127.0.0.1:{backend}"]
     if "bascule-1" in plugin_rows and "bascule-1-passthrough" in plugin_rows:
         base = statistics.median(r[0] for r in plugin_rows["bascule-1"])
         chain = statistics.median(r[0] for r in plugin_rows["bascule-1-passthrough"])
-        print("\nplugins on 1KiB GET, vs the plugin-less route (bascule-1) and vs "
+        print("\nplugins and balancing features on 1KiB GET, vs the plain route (bascule-1) and vs "
               "a route whose only plugin calls on (the chain's own cost):\n")
         print("| plugin | req/s | vs no plugin | vs pass-through plugin |")
         print("|---|---:|---:|---:|")
         for name in ("bascule-1-passthrough", "bascule-1-ip_filter", "bascule-1-basic_auth",
                      "bascule-1-rate_limit", "bascule-1-rate_limit_redis",
-                     "bascule-1-headers"):
+                     "bascule-1-headers", "bascule-1-sticky", "bascule-1-sticky-new",
+                     "bascule-1-shadow"):
             if name in plugin_rows:
                 rps = statistics.median(r[0] for r in plugin_rows[name])
                 print(f"| {name.removeprefix('bascule-1-')} | {rps:.0f} | {rps / base:.2f}x "

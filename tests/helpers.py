@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 from collections.abc import Awaitable, Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -220,3 +223,52 @@ def poll(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) 
             return True
         time.sleep(interval)
     return predicate()
+
+
+class CountingBackend:
+    """A threaded HTTP/1.1 backend on 127.0.0.1 counting hits per path."""
+
+    def __init__(self, name: str, delay: float = 0.0) -> None:
+        self.hits: collections.Counter[str] = collections.Counter()
+        self.connections: set[socket.socket] = set()
+        backend = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                super().setup()
+                backend.connections.add(self.connection)
+
+            def do_GET(self) -> None:
+                backend.hits[self.path] += 1
+                if delay and self.path != "/health":
+                    time.sleep(delay)  # a slow backend (its own thread per connection)
+                body = name.encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                if self.path == "/cached":
+                    self.send_header("Cache-Control", "max-age=300")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.id = f"127.0.0.1:{self.port}"
+        self.name = name
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.alive = True
+
+    def stop(self) -> None:
+        if self.alive:
+            self.alive = False
+            self.server.shutdown()
+            self.server.server_close()
+            for connection in list(self.connections):  # kept-alive ones die too
+                with contextlib.suppress(OSError):
+                    connection.shutdown(socket.SHUT_RDWR)

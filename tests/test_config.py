@@ -109,6 +109,12 @@ def test_shipped_configs_are_valid(tmp_path: Path) -> None:
             file = _with_certificates(file, tmp_path)
         elif file.name == "access.toml":
             file = _with_htpasswd(file, tmp_path)
+        elif file.name == "balancing.toml":
+            key = tmp_path / "sticky.key"
+            key.write_text("a-secret-of-at-least-16-bytes\n")
+            copy = tmp_path / "balancing.toml"
+            copy.write_text(file.read_text().replace("/etc/bascule/sticky.key", str(key)))
+            file = copy
         build_runtime(load_config(file), str(file))
 
 

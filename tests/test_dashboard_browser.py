@@ -6,70 +6,19 @@ cached entry through its form, and shows a hostile route name as text."""
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import http.client
 import shutil
-import socket
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.helpers import free_port, poll, run_bascule, wait_port
+from tests.helpers import CountingBackend, free_port, poll, run_bascule, wait_port
 
 pytestmark = pytest.mark.slow
 
 HOSTILE = '<img src=x onerror="window.__pwned=1"><script>window.__pwned=2</script>'
-
-
-class CountingBackend:
-    """A threaded HTTP/1.1 backend on 127.0.0.1 counting hits per path."""
-
-    def __init__(self, name: str) -> None:
-        self.hits: collections.Counter[str] = collections.Counter()
-        self.connections: set[socket.socket] = set()
-        backend = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def setup(self) -> None:
-                super().setup()
-                backend.connections.add(self.connection)
-
-            def do_GET(self) -> None:
-                backend.hits[self.path] += 1
-                body = name.encode()
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                if self.path == "/cached":
-                    self.send_header("Cache-Control", "max-age=300")
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        self.id = f"127.0.0.1:{self.port}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-        self.alive = True
-
-    def stop(self) -> None:
-        if self.alive:
-            self.alive = False
-            self.server.shutdown()
-            self.server.server_close()
-            for connection in list(self.connections):  # kept-alive ones die too
-                with contextlib.suppress(OSError):
-                    connection.shutdown(socket.SHUT_RDWR)
 
 
 @pytest.fixture

@@ -142,6 +142,13 @@ function renderUpstreams(doc) {
         ? Object.values(traffic[name]).reduce((sum, t) => sum + (t.inflight || 0), 0)
         : up.inflight),
     ];
+    if (up.shadow_strategy) facts.push(fact("shadow", up.shadow_strategy));
+    if (up.sticky) facts.push(fact("sticky cookie", up.sticky));
+    if (up.fleet) {
+      facts.push(fact("fleet counts", up.fleet.state === "fleet"
+        ? "Redis, " + up.fleet.members + " members" : "local (" + (up.fleet.error || "") + ")",
+      up.fleet.state === "fleet" ? "" : "stale"));
+    }
     if (disco.error) facts.push(fact("error", disco.error, "stale"));
     if (up.panic) facts.push(fact("panic", "yes", "stale"));
     const card = upstreamCard(name);
@@ -176,7 +183,9 @@ function renderRoutes(doc) {
     const t = (traffic[r.name] || {})[r.upstream] || {};
     return el("tr", {},
       el("td", {}, r.name), el("td", {}, r.host || "*"), el("td", {}, r.path_prefix),
-      el("td", {}, r.upstream), el("td", {}, (r.plugins || []).join(", ") || "–"),
+      el("td", {}, r.split ? r.split.map((t) => t.name + " " + t.weight).join(" / ")
+        : r.upstream),
+      el("td", {}, (r.plugins || []).join(", ") || "–"),
       el("td", { class: "num" }, fmt(t.rps, 1)),
       el("td", { class: "num" }, fmt(t.errors_per_s, 2)),
       el("td", { class: "num" }, fmt(t.p50_ms, 1, " ms")),
