@@ -49,28 +49,10 @@ _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 class Exchange:
     """State of one proxied request across its attempts."""
 
-    __slots__ = (
-        "backend",
-        "body_complete",
-        "body_copy",
-        "chunked",
-        "client_host",
-        "conn",
-        "continue_sent",
-        "has_body",
-        "hash_key",
-        "head_rest",
-        "method",
-        "metrics",
-        "outcome",
-        "pinned_by",
-        "pool",
-        "request",
-        "request_line",
-        "route",
-        "runtime",
-        "upstream",
-    )
+    __slots__ = ("backend", "body_complete", "body_copy", "chunked", "client_host", "conn",
+                 "continue_sent", "has_body", "hash_key", "head_rest", "method", "metrics",
+                 "outcome", "pinned_by", "pool", "request", "request_line", "route",
+                 "runtime", "upstream")
 
     def __init__(
         self, request: web.BaseRequest, route: Route, upstream: Upstream, runtime: Runtime,
@@ -119,13 +101,10 @@ class Exchange:
             self.finish(started, ok)
 
     def sticky_cookie(self) -> bytes:
-        """The Set-Cookie line pinning the client to the backend that answered (empty
-        when its cookie already does, or the upstream is not sticky)."""
+        """The Set-Cookie line pinning the client to the backend that answered, or b""."""
         sticky, backend = self.upstream.sticky, self.backend
-        if sticky is None or backend is None:
-            return b""
-        return sticky.answered(self.pinned_by, backend,
-                               bool(self.request.protocol.tls))  # type: ignore[attr-defined]
+        return b"" if sticky is None or backend is None else sticky.answered(
+            self.pinned_by, backend, bool(self.request.protocol.tls))  # type: ignore[attr-defined]
 
     def finish(self, started: float, ok: bool) -> None:
         """Release the connection (unless already given back) and the lease."""
@@ -185,11 +164,8 @@ class Exchange:
         upstream = self.upstream
         balancer = upstream.balancer
         ctx = RequestContext(self.hash_key)
-        sticky = upstream.sticky
-        if sticky is not None:
-            self.pinned_by = sticky.requested(self.request._message.headers.get("Cookie"))
-            if self.pinned_by is not None:
-                ctx.pinned = sticky.by_token.get(self.pinned_by)
+        if upstream.sticky is not None:
+            self.pinned_by = upstream.sticky.pin(ctx, self.request._message.headers.get("Cookie"))
         stale_retry_left = True
         attempt = 0
         retrying = False

@@ -391,8 +391,7 @@ class Metrics:
         return multiprocess_registry() if self.multiprocess else self.registry
 
     def families(self) -> Iterable[Any]:
-        """Every metric family as last flushed (all workers' in multiprocess mode);
-        may run in a thread (the dashboard's traffic window reads it)."""
+        """Every family as last flushed (all workers'); may run in a thread."""
         return self._source().collect()  # type: ignore[no-any-return]
 
     def exposition(self) -> bytes:

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 
 from proxy.config import StickyConfig
 from proxy.models import Backend
+from proxy.strategy import RequestContext
 
 __all__ = ["StickySessions"]
 
@@ -75,6 +76,14 @@ class StickySessions:
             if part.startswith(self._prefix):
                 return part[len(self._prefix):]
         return None
+
+    def pin(self, ctx: RequestContext, cookie_header: str | None) -> str | None:
+        """Point the request's context at the backend its cookie names (if any is
+        known) for the balancer; the cookie's value, to compare with the answer's."""
+        requested = self.requested(cookie_header)
+        if requested is not None:
+            ctx.pinned = self.by_token.get(requested)
+        return requested
 
     def answered(self, requested: str | None, backend: Backend, tls: bool) -> bytes:
         """After the exchange: the Set-Cookie line to add (empty when the pin stands),
