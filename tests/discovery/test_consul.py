@@ -17,6 +17,7 @@ from proxy.agent.link import LocalLink
 from proxy.discovery.consul import ConsulWatch
 from proxy.server import Edge
 from tests.consul_emulator import ConsulEmulator
+from tests.discovery.conftest import named_backend
 from tests.helpers import eventually as wait_until
 from tests.helpers import free_port, start_proxy_with_admin
 
@@ -384,3 +385,45 @@ async def test_tls_with_a_private_ca(tmp_path: Path, backends: dict[str, int]) -
     finally:
         await untrusting.drain(1.0)
         await emulator.stop()
+
+
+async def test_sticky_pins_follow_a_consul_instance_by_its_id(
+        consul: ConsulEmulator, backends: dict[str, int]) -> None:
+    """The pin signs the instance's node/service id, not its address: an instance
+    re-registered on another port keeps its clients; one that goes critical
+    loses them to another instance, which pins them anew."""
+    await consul.add("web", "web-a", backends["a"])
+    await consul.add("web", "web-b", backends["b"])
+    edge = await consul_edge(consul.address, extra='sticky = { cookie = "pin", '
+                             'secret = "consul-sticky-secret-0123" }')
+    moved: Any = None
+    try:
+        async with aiohttp.ClientSession() as session:
+            async def get(cookie: str | None) -> tuple[str, str | None]:
+                headers = {"Cookie": f"pin={cookie}"} if cookie else {}
+                async with session.get(f"http://127.0.0.1:{edge.ports[0]}/",
+                                       headers=headers) as resp:
+                    morsel = resp.cookies.get("pin")
+                    return await resp.text(), morsel.value if morsel else None
+            first, pin = await get(None)
+            assert pin is not None
+            name = {"a": "web-a", "b": "web-b"}[first]
+            # the same instance answers on another port (as after a restart)
+            other, moved = await named_backend(first)
+            await consul.set_port(name, other)
+
+            async def moved_port() -> bool:
+                return any(b["address"].endswith(f":{other}")
+                           for b in (await status(edge))["backends"])
+            await eventually(moved_port)
+            assert await get(pin) == (first, None)  # still pinned, no new cookie
+            await consul.set_status(name, "critical")
+
+            async def repinned() -> bool:
+                body, new = await get(pin)
+                return body != first and new is not None and new != pin
+            await eventually(repinned)
+    finally:
+        await edge.drain(1.0)
+        if moved is not None:
+            moved.close()
