@@ -109,13 +109,15 @@ def test_pins_hold_across_workers_and_instances_and_move_when_the_backend_dies(
         for i in range(6):
             assert get(one if i % 2 else two, new_pin) == (moved_to, None)
 
-        conn = http.client.HTTPConnection("127.0.0.1", ports[0][1], timeout=5)
-        conn.request("GET", "/metrics")
-        exposition = conn.getresponse().read().decode()
-        conn.close()
-        for result in ("hit", "repin", "new"):
-            assert f'bascule_sticky_sessions_total{{result="{result}",upstream="app"}}' \
-                in exposition
+        def counted() -> bool:
+            # /metrics sums both workers' files; each worker flushes once a second
+            conn = http.client.HTTPConnection("127.0.0.1", ports[0][1], timeout=5)
+            conn.request("GET", "/metrics")
+            exposition = conn.getresponse().read().decode()
+            conn.close()
+            return all(f'bascule_sticky_sessions_total{{result="{result}",upstream="app"}}'
+                       in exposition for result in ("hit", "repin", "new"))
+        assert poll(counted, 5)
     finally:
         for backend in backends:
             backend.stop()
