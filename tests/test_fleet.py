@@ -15,10 +15,9 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import CountingBackend, free_port, poll, run_bascule, wait_port
+from tests.helpers import CountingBackend, eventually, free_port, poll, run_bascule, wait_port
 from tests.redis_servers import RedisServer
 
-pytestmark = pytest.mark.slow
 REQUESTS = 45  # per instance
 
 
@@ -99,6 +98,7 @@ def status(admin: int) -> dict[str, Any]:
     return document
 
 
+@pytest.mark.slow
 def test_the_slow_backend_gets_less_with_the_fleets_counts(
         tmp_path: Path, procs: list[Any], redis_server: RedisServer) -> None:
     backends = [CountingBackend("slow", delay=0.2), CountingBackend("fast1"),
@@ -116,6 +116,7 @@ def test_the_slow_backend_gets_less_with_the_fleets_counts(
     assert fleet < local * 0.7, (local, fleet)
 
 
+@pytest.mark.slow
 def test_redis_down_falls_back_to_local_counts_and_recovers(
         tmp_path: Path, procs: list[Any], redis_server: RedisServer) -> None:
     backends = [CountingBackend("a"), CountingBackend("b")]
@@ -151,3 +152,47 @@ def test_redis_down_falls_back_to_local_counts_and_recovers(
     finally:
         for backend in backends:
             backend.stop()
+
+
+class _Balancer:
+    def __init__(self, *ids: str) -> None:
+        from proxy.models import Backend
+
+        self.backends = [Backend(i, "127.0.0.1", 1) for i in ids]
+
+
+@pytest.mark.parametrize("kind", ["single", "cluster"])
+async def test_members_see_each_others_counts_and_a_silent_member_vanishes(
+        kind: str, redis_server: RedisServer, redis_cluster: Any) -> None:
+    """The protocol itself, on one Redis and on a Redis Cluster (the keys share the
+    upstream's hash tag): each member reads the others' counts, not its own, and a
+    member that stops publishing drops out after three intervals."""
+    from proxy.config import RedisConfig
+    from proxy.fleet import FleetCounts
+
+    config = RedisConfig(url=redis_cluster.url if kind == "cluster" else redis_server.url,
+                         cluster=kind == "cluster", timeout="1s")
+    one, two = _Balancer("a", "b"), _Balancer("a", "b")
+    first = FleetCounts("app", one, config, interval=0.1)
+    second = FleetCounts("app", two, config, interval=0.1)
+    first.start()  # its background loop publishes every 100 ms
+    second.start()
+    try:
+        one.backends[0].inflight = 3
+        two.backends[0].inflight, two.backends[1].inflight = 1, 2
+
+        async def both_see_the_other() -> bool:
+            return ([b.fleet_inflight for b in one.backends] == [1, 2]
+                    and [b.fleet_inflight for b in two.backends] == [3, 0])
+        await eventually(both_see_the_other)
+        assert first.shared_now and first.members == 2
+        await second.close()  # leaves the member set at once
+        second = None
+
+        async def alone() -> bool:
+            return [b.fleet_inflight for b in one.backends] == [0, 0] and first.members == 1
+        await eventually(alone)
+    finally:
+        await first.close()
+        if second is not None:
+            await second.close()
