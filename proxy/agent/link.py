@@ -134,6 +134,8 @@ class Link:
     async def traffic(self, timeout: float = 1.0) -> dict[str, Any] | None:
         """The agent's last minute of traffic (proxy/agent/traffic.py), or None when
         it cannot say (metrics off, agent away or slow)."""
+        if len(self._traffic_asks) >= 32:  # the agent is not answering: do not pile up
+            return None
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._traffic_asks.append(future)
         self._send(["traffic"])

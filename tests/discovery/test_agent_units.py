@@ -184,3 +184,18 @@ def test_a_drain_reaches_every_worker_and_a_restarted_agent_learns_it_back() -> 
     assert heard[-1] == ["drained", [["app", "b1"]]]
     fresh.handle(worker, ["drain", "app", "b1", False])
     assert heard[-1] == ["drained", []]
+
+
+async def test_asks_for_traffic_do_not_pile_up_when_the_agent_is_silent() -> None:
+    from proxy.agent.link import Link
+
+    class Silent(Link):
+        sent: list[Any] = []
+
+        def _send(self, message: Any) -> None:
+            self.sent.append(message)  # never answered
+
+    link = Silent()
+    for _ in range(40):
+        assert await link.traffic(timeout=0.001) is None
+    assert len(link.sent) == 32  # then answered None without asking again
