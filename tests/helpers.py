@@ -81,6 +81,20 @@ def proxy_config(upstreams: dict[str, list[str]] | None = None, *, routes: str =
     return "\n\n".join(lines) + "\n"
 
 
+def app_config_file(path: Path, backend_ids: list[str], *, workers: int = 1,
+                    upstream: str = "", tables: str = "") -> tuple[Path, int, int]:
+    """A config file for a Bascule process: one route to upstream "app" over
+    `backend_ids` (plus `upstream`'s keys), `tables` before it; free ports.
+    Returns (path, public port, admin port)."""
+    port, admin = free_port(), free_port()
+    ids = ", ".join(f'"{i}"' for i in backend_ids)
+    path.write_text(f'[server]\nlisten = ["127.0.0.1:{port}"]\nworkers = {workers}\n'
+                    f'access_log = "off"\n[admin]\nlisten = "127.0.0.1:{admin}"\n{tables}\n'
+                    f'[[routes]]\nupstream = "app"\n[upstreams.app]\nbackends = [{ids}]\n'
+                    f"{upstream}\n")
+    return path, port, admin
+
+
 async def start_proxy(toml_text: str) -> Edge:
     config = parse_config(tomllib.loads(toml_text), "<test>")
     edge = Edge(build_runtime(config, "<test>"))

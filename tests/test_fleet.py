@@ -15,7 +15,14 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import CountingBackend, eventually, free_port, poll, run_bascule, wait_port
+from tests.helpers import (
+    CountingBackend,
+    app_config_file,
+    eventually,
+    poll,
+    run_bascule,
+    wait_port,
+)
 from tests.redis_servers import RedisServer
 
 REQUESTS = 45  # per instance
@@ -23,27 +30,10 @@ REQUESTS = 45  # per instance
 
 def instance_config(tmp_path: Path, name: str, backends: list[CountingBackend],
                     options: str, redis_url: str) -> tuple[Path, int, int]:
-    port, admin = free_port(), free_port()
-    ids = ", ".join(f'"{b.id}"' for b in backends)
-    path = tmp_path / f"{name}.toml"
-    path.write_text(f"""
-[server]
-listen = ["127.0.0.1:{port}"]
-workers = 1
-access_log = "off"
-[admin]
-listen = "127.0.0.1:{admin}"
-[redis]
-url = "{redis_url}"
-timeout = "200ms"
-[[routes]]
-upstream = "app"
-[upstreams.app]
-backends = [{ids}]
-strategy = "least_connections"
-strategy_options = {{ {options} }}
-""")
-    return path, port, admin
+    return app_config_file(
+        tmp_path / f"{name}.toml", [b.id for b in backends],
+        tables=f'[redis]\nurl = "{redis_url}"\ntimeout = "200ms"',
+        upstream=f'strategy = "least_connections"\nstrategy_options = {{ {options} }}')
 
 
 def run_fleet(tmp_path: Path, procs: list[Any], backends: list[CountingBackend],

@@ -14,7 +14,7 @@ import pytest
 from proxy.config import StickyConfig
 from proxy.models import Backend
 from proxy.sticky import StickySessions
-from tests.helpers import CountingBackend, free_port, poll, run_bascule, wait_port
+from tests.helpers import CountingBackend, app_config_file, poll, run_bascule, wait_port
 
 SECRET = "s3cret-shared-by-the-fleet-0123456789"
 
@@ -43,21 +43,8 @@ def bascule_config(tmp_path: Path, name: str, backends: list[CountingBackend]
                    ) -> tuple[Path, int, int]:
     secret = tmp_path / "sticky.key"
     secret.write_text(SECRET)
-    port, admin = free_port(), free_port()
-    ids = ", ".join(f'"{b.id}"' for b in backends)
-    path = tmp_path / f"{name}.toml"
-    path.write_text(f"""
-[server]
-listen = ["127.0.0.1:{port}"]
-workers = 2
-access_log = "off"
-[admin]
-listen = "127.0.0.1:{admin}"
-[[routes]]
-upstream = "app"
-[upstreams.app]
-backends = [{ids}]
-strategy = "least_connections"
+    return app_config_file(tmp_path / f"{name}.toml", [b.id for b in backends], workers=2,
+                           upstream=f"""strategy = "least_connections"
 sticky = {{ cookie = "pin", secret_file = "{secret}", max_age = "1h" }}
 [upstreams.app.health]
 path = "/health"
@@ -67,7 +54,6 @@ jitter = "0.05s"
 fall = 1
 rise = 1
 """)
-    return path, port, admin
 
 
 @pytest.mark.slow
